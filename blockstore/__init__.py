@@ -1,0 +1,51 @@
+"""blockstore: content-addressed chunks and versioned per-volume key spaces.
+
+Public surface: ``Store`` (open a store directory), ``View`` and ``Batch`` (a
+volume head or snapshot key space and a write transaction on it), the records
+``VolumeInfo`` and ``SnapshotInfo``, ``ChunkRef`` and the exceptions.
+"""
+
+from __future__ import annotations
+
+from .catalog import MODE_BLOCK, MODE_FILESYSTEM, SnapshotInfo, VolumeInfo
+from .chunks import HOLE, MAX_CHUNK_SIZE, PreparedChunk
+from .errors import (
+    AlreadyExists,
+    Busy,
+    Corrupt,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    ReadOnly,
+    StoreError,
+)
+from .fsck import FsckReport, fsck
+from .layers import ChunkRef
+from .store import Batch, Store, StoreStats, View
+
+__all__ = [
+    "HOLE",
+    "MAX_CHUNK_SIZE",
+    "MODE_BLOCK",
+    "MODE_FILESYSTEM",
+    "AlreadyExists",
+    "Batch",
+    "Busy",
+    "ChunkRef",
+    "Corrupt",
+    "FsckReport",
+    "InvalidArgument",
+    "NoSpace",
+    "NotFound",
+    "OutOfRange",
+    "PreparedChunk",
+    "ReadOnly",
+    "SnapshotInfo",
+    "Store",
+    "StoreError",
+    "StoreStats",
+    "View",
+    "VolumeInfo",
+    "fsck",
+]

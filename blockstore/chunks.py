@@ -1,0 +1,141 @@
+"""Chunks: content-addressed, compressed, reference-counted file data.
+
+A chunk is at most ``MAX_CHUNK_SIZE`` bytes. It is stored once under the sha256
+of its raw bytes and verified against that hash on every read: a mismatch raises
+``Corrupt``, wrong bytes are never returned. All-zero chunks are holes and are
+never stored (``prepare`` marks them, callers turn them into deletions).
+
+Hashing and compression happen in ``prepare`` outside any LMDB transaction (both
+release the GIL, so callers may run them in worker threads); the write
+transaction only stores the prepared bytes.
+
+Databases (see ``layers.py`` for the entries that reference chunks):
+
+``chunks``     digest (32 bytes) -> codec (1 byte: 0 raw, 1 zstd) + stored bytes
+``chunkrefs``  digest (32 bytes) -> struct ``>QII``: reference count, raw length,
+               stored length. A row exists exactly when the chunk exists; the
+               count is the number of entry versions that name the digest. A
+               chunk whose count reaches zero is deleted in the same transaction.
+
+Invariant kept by every writer: counters ``chunk_count``, ``unique_raw_bytes``,
+``stored_bytes`` and ``referenced_raw_bytes`` in the ``meta`` database equal the
+sums over ``chunkrefs`` (fsck recounts them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from dataclasses import dataclass
+
+import zstandard
+
+from .errors import Corrupt, InvalidArgument
+
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+DIGEST_SIZE = 32
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+_REFS = struct.Struct(">QII")
+
+# Compression must save at least this fraction to be kept.
+_MIN_SAVING = 1 / 32
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    comp = cache.get(level)
+    if comp is None:
+        comp = cache[level] = zstandard.ZstdCompressor(level=level)
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        dec = _local.decompressor = zstandard.ZstdDecompressor()
+    return dec
+
+
+def digest_of(data: bytes | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChunk:
+    """A chunk hashed and compressed, ready to be stored in a write transaction."""
+
+    digest: bytes
+    raw_length: int
+    codec: int
+    payload: bytes  # what goes into the ``chunks`` database after the codec byte
+
+    @property
+    def is_hole(self) -> bool:
+        return self.raw_length == 0
+
+
+HOLE = PreparedChunk(digest=b"", raw_length=0, codec=CODEC_RAW, payload=b"")
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    mv = memoryview(data)
+    if not mv:
+        return True
+    # Cheap rejection first: most data chunks have a non-zero byte at either end.
+    if mv[0] or mv[-1]:
+        return False
+    return mv == bytes(len(mv))
+
+
+def prepare(data: bytes | memoryview, level: int = 3) -> PreparedChunk:
+    """Hash and compress ``data``; all-zero data yields ``HOLE``."""
+    if len(data) > MAX_CHUNK_SIZE:
+        raise InvalidArgument(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_SIZE}")
+    if is_zero(data):
+        return HOLE
+    raw = bytes(data)
+    digest = digest_of(raw)
+    if level > 0:
+        packed = _compressor(level).compress(raw)
+        if len(packed) <= len(raw) * (1 - _MIN_SAVING):
+            return PreparedChunk(digest, len(raw), CODEC_ZSTD, packed)
+    return PreparedChunk(digest, len(raw), CODEC_RAW, raw)
+
+
+def pack_refs(count: int, raw_length: int, stored_length: int) -> bytes:
+    return _REFS.pack(count, raw_length, stored_length)
+
+
+def unpack_refs(value: bytes) -> tuple[int, int, int]:
+    try:
+        count, raw, stored = _REFS.unpack(value)
+    except struct.error as exc:
+        raise Corrupt(f"bad chunk reference record of {len(value)} bytes") from exc
+    return count, raw, stored
+
+
+def decode(digest: bytes, stored: bytes, raw_length: int | None = None) -> bytes:
+    """Turn a ``chunks`` value back into raw bytes, verifying the hash."""
+    if not stored:
+        raise Corrupt(f"chunk {digest.hex()[:16]} has an empty record")
+    codec, payload = stored[0], memoryview(stored)[1:]
+    if codec == CODEC_RAW:
+        raw = bytes(payload)
+    elif codec == CODEC_ZSTD:
+        try:
+            raw = _decompressor().decompress(payload, max_output_size=MAX_CHUNK_SIZE)
+        except zstandard.ZstdError as exc:
+            raise Corrupt(f"chunk {digest.hex()[:16]} does not decompress: {exc}") from exc
+    else:
+        raise Corrupt(f"chunk {digest.hex()[:16]} has unknown codec {codec}")
+    if raw_length is not None and len(raw) != raw_length:
+        raise Corrupt(f"chunk {digest.hex()[:16]} has {len(raw)} bytes, expected {raw_length}")
+    if digest_of(raw) != digest:
+        raise Corrupt(f"chunk {digest.hex()[:16]} does not match its hash")
+    return raw

@@ -1,0 +1,251 @@
+"""fsck: recount and verify everything the store's invariants promise.
+
+Checks, from the entries up:
+- every entry version belongs to a live layer of its family and has an index row,
+  and every index row has its entry version;
+- chunk reference counts equal the number of entry versions naming each chunk;
+  chunks nobody references are orphans; references to missing chunks dangle;
+- every chunk decodes and matches its hash;
+- layer holder counts equal volume heads + snapshots + child layers, and a layer
+  without holders is queued for release;
+- each volume's logical usage equals the chunk bytes its head sees;
+- the space counters in ``meta`` equal the sums over the chunks.
+
+``repair=True`` fixes what can be fixed without inventing data: reference counts,
+orphaned chunks and index rows, holder counts, the release queue, usage and
+counters. Dangling references and corrupt chunks are reported, not removed: a
+read of them fails with an I/O error rather than returning wrong bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import chunks as ch
+from . import layers as ly
+from .catalog import SnapshotInfo, pack_vstate, unpack_vstate
+from .errors import Corrupt
+
+if TYPE_CHECKING:
+    from .store import Store
+
+_U64 = struct.Struct(">Q")
+
+
+@dataclass
+class FsckReport:
+    entries: int = 0
+    chunks: int = 0
+    layers: int = 0
+    problems: list[str] = field(default_factory=list)
+    unfixable: list[str] = field(default_factory=list)
+    repaired: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems and not self.unfixable
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -> FsckReport:
+    rep = FsckReport()
+    txn = store._begin(write=repair)
+    try:
+        _check(store, txn, rep, repair, progress)
+        if repair:
+            txn.commit()
+        else:
+            txn.abort()
+    except BaseException:
+        txn.abort()
+        raise
+    return rep
+
+
+def _check(
+    store: Store, txn: object, rep: FsckReport, repair: bool, progress: Progress | None
+) -> None:
+    import lmdb
+
+    assert isinstance(txn, lmdb.Transaction)
+    dbs = store.dbs
+
+    def problem(msg: str) -> None:
+        rep.problems.append(msg)
+        if repair:
+            rep.repaired += 1
+
+    # Layers and their families.
+    layers: dict[int, ly.LayerRecord] = {}
+    for k, v in txn.cursor(db=dbs.layers):
+        layer = ly.from_u64(k)
+        layers[layer] = ly.LayerRecord.unpack(layer, v)
+    rep.layers = len(layers)
+
+    # Entries, their index rows and chunk references.
+    refs: Counter[bytes] = Counter()
+    total_entries = txn.stat(dbs.entries)["entries"]
+    bad_versions: list[bytes] = []
+    for i, (k, v) in enumerate(txn.cursor(db=dbs.entries)):
+        rep.entries += 1
+        if progress and i % 4096 == 0:
+            progress("entries", i, total_entries)
+        family, ekey, layer = ly.split_version_key(bytes(k))
+        rec = layers.get(layer)
+        if rec is None or rec.family != family:
+            problem(f"entry version in unknown layer {layer}")
+            bad_versions.append(bytes(k))
+            continue
+        if txn.get(ly.u64(layer) + ekey, db=dbs.layerkeys) is None:
+            problem(f"entry version in layer {layer} has no index row")
+            if repair:
+                txn.put(ly.u64(layer) + ekey, b"", db=dbs.layerkeys)
+        try:
+            value = ly.decode_value(bytes(v))
+        except Corrupt as exc:
+            rep.unfixable.append(f"layer {layer}: {exc}")
+            continue
+        if isinstance(value, ly.ChunkRef):
+            refs[value.digest] += 1
+    if repair:
+        for k in bad_versions:
+            raw = txn.get(k, db=dbs.entries)
+            txn.delete(k, db=dbs.entries)
+            if raw is not None and raw[:1] == b"C":
+                refs[bytes(raw[1:33])] += 0  # counted below as unreferenced if nobody else
+
+    orphan_index = []
+    for k in txn.cursor(db=dbs.layerkeys).iternext(values=False):
+        layer = ly.from_u64(k[:8])
+        rec = layers.get(layer)
+        if (
+            rec is None
+            or txn.get(ly.version_key(rec.family, bytes(k[8:]), layer), db=dbs.entries) is None
+        ):
+            orphan_index.append(bytes(k))
+    for k in orphan_index:
+        problem(f"index row of layer {ly.from_u64(k[:8])} without an entry version")
+        if repair:
+            txn.delete(k, db=dbs.layerkeys)
+
+    # Chunks: counts, orphans, dangling references, hashes.
+    totals = dict.fromkeys(
+        ("chunk_count", "unique_raw_bytes", "stored_bytes", "referenced_raw_bytes"), 0
+    )
+    seen: set[bytes] = set()
+    total_chunks = txn.stat(dbs.chunkrefs)["entries"]
+    to_delete: list[bytes] = []
+    for i, (digest, rv) in enumerate(list(txn.cursor(db=dbs.chunkrefs))):
+        digest = bytes(digest)
+        if progress and i % 256 == 0:
+            progress("chunks", i, total_chunks)
+        rep.chunks += 1
+        seen.add(digest)
+        count, raw_len, stored_len = ch.unpack_refs(bytes(rv))
+        stored = txn.get(digest, db=dbs.chunks)
+        want = refs.get(digest, 0)
+        if stored is None:
+            if want:
+                rep.unfixable.append(f"chunk {digest.hex()[:16]} is missing ({want} references)")
+            else:
+                problem(f"reference record of absent chunk {digest.hex()[:16]}")
+                if repair:
+                    txn.delete(digest, db=dbs.chunkrefs)
+            continue
+        try:
+            ch.decode(digest, bytes(stored), raw_len)
+        except Corrupt as exc:
+            rep.unfixable.append(str(exc))
+        if want == 0:
+            problem(f"orphaned chunk {digest.hex()[:16]}")
+            to_delete.append(digest)
+            continue
+        if len(stored) != stored_len:
+            problem(f"chunk {digest.hex()[:16]} stored length {stored_len} != {len(stored)}")
+            stored_len = len(stored)
+            if repair:
+                txn.put(digest, ch.pack_refs(count, raw_len, stored_len), db=dbs.chunkrefs)
+        if count != want:
+            problem(f"chunk {digest.hex()[:16]} has count {count}, referenced {want} times")
+            if repair:
+                txn.put(digest, ch.pack_refs(want, raw_len, stored_len), db=dbs.chunkrefs)
+        totals["chunk_count"] += 1
+        totals["unique_raw_bytes"] += raw_len
+        totals["stored_bytes"] += stored_len
+        totals["referenced_raw_bytes"] += raw_len * want
+    if repair:
+        for digest in to_delete:
+            txn.delete(digest, db=dbs.chunkrefs)
+            txn.delete(digest, db=dbs.chunks)
+    for digest in refs:
+        if digest not in seen:
+            rep.unfixable.append(f"{refs[digest]} references to missing chunk {digest.hex()[:16]}")
+    for digest in txn.cursor(db=dbs.chunks).iternext(values=False):
+        if bytes(digest) not in seen:
+            problem(f"chunk {bytes(digest).hex()[:16]} has no reference record")
+            if repair:
+                txn.delete(digest, db=dbs.chunks)
+
+    # Layer holders and the release queue.
+    holders: Counter[int] = Counter()
+    volumes = {}
+    for k, v in txn.cursor(db=dbs.vstate):
+        head, used = unpack_vstate(bytes(v))
+        volumes[bytes(k)] = (head, used)
+        holders[head] += 1
+        if head not in layers:
+            rep.unfixable.append(f"volume {bytes(k).decode()!r} has a missing head layer {head}")
+    for v in txn.cursor(db=dbs.snapshots).iternext(keys=False):
+        snap = SnapshotInfo.from_json(bytes(v))
+        holders[snap.layer] += 1
+        if snap.layer not in layers:
+            rep.unfixable.append(f"snapshot {snap.name!r} has a missing layer {snap.layer}")
+    for rec in layers.values():
+        if rec.parent:
+            holders[rec.parent] += 1
+    queued = {ly.from_u64(k) for k in txn.cursor(db=dbs.gcqueue).iternext(values=False)}
+    for layer, rec in layers.items():
+        want = holders.get(layer, 0)
+        if rec.holders != want:
+            problem(f"layer {layer} has {rec.holders} holders, counted {want}")
+            if repair:
+                from dataclasses import replace
+
+                ly.write_layer(txn, dbs, replace(rec, holders=want))
+        if want == 0 and layer not in queued:
+            problem(f"layer {layer} has no holders and is not queued for release")
+            if repair:
+                txn.put(ly.u64(layer), b"", db=dbs.gcqueue)
+    for layer in queued:
+        if layer not in layers:
+            problem(f"release queue names unknown layer {layer}")
+            if repair:
+                txn.delete(ly.u64(layer), db=dbs.gcqueue)
+
+    # Volume usage: the chunk bytes each head sees.
+    for key, (head, used) in volumes.items():
+        if head not in layers:
+            continue
+        lin = store.lineages.get(txn, dbs, head)
+        seen_bytes = sum(
+            v.raw_length for _, v in ly.scan(txn, dbs, lin, b"") if isinstance(v, ly.ChunkRef)
+        )
+        if seen_bytes != used:
+            problem(f"volume {key.decode()!r} records {used} bytes used, sees {seen_bytes}")
+            if repair:
+                txn.put(key, pack_vstate(head, seen_bytes), db=dbs.vstate)
+
+    # Space counters.
+    for name, want in totals.items():
+        raw = txn.get(name.encode(), db=dbs.meta)
+        have = _U64.unpack(raw)[0] if raw else 0
+        if have != want:
+            problem(f"counter {name} is {have}, counted {want}")
+            if repair:
+                txn.put(name.encode(), _U64.pack(want), db=dbs.meta)

@@ -1,0 +1,801 @@
+"""The store: one LMDB environment holding chunks, layers and the catalog.
+
+Several processes open the same store at once (the CSI plugin and one FUSE
+process per mounted volume). LMDB serialises writers across processes, so every
+change that must be atomic is one write transaction and writers batch many
+changes per transaction (``View.batch``). Hashing and compression happen before
+the transaction starts (``prepare_chunk``), so the write lock is held only for
+the puts themselves.
+
+Locking rules:
+- a ``Batch`` is one write transaction and belongs to one thread;
+- background release (``gc_step``) holds the write lock for at most about
+  ``budget`` seconds per call, so foreground writers never wait long;
+- views re-read their volume's head on every operation, so a snapshot or clone
+  taken by another process is seen by the next operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lmdb
+
+from . import chunks as ch
+from . import layers as ly
+from .catalog import (
+    MODE_FILESYSTEM,
+    MODES,
+    SnapshotInfo,
+    VolumeInfo,
+    check_name,
+    pack_vstate,
+    unpack_vstate,
+)
+from .errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    ReadOnly,
+    StoreError,
+)
+from .layers import ChunkRef, Lineage, Value
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_MAP_SIZE = 1 << 40  # 1 TiB of address space; the file grows only as written
+DEFAULT_COMPRESSION_LEVEL = 3
+COUNTERS = ("chunk_count", "unique_raw_bytes", "stored_bytes", "referenced_raw_bytes")
+_U64 = struct.Struct(">Q")
+
+
+def _translate_lmdb(exc: lmdb.Error) -> StoreError:
+    if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
+        return NoSpace(f"store is full: {exc}")
+    return StoreError(f"LMDB error: {exc}")
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    chunk_count: int
+    unique_raw_bytes: int
+    stored_bytes: int
+    referenced_raw_bytes: int
+    entries: int
+    layers: int
+    gc_pending_layers: int
+    volumes: int
+    snapshots: int
+    logical_used_bytes: int
+    file_bytes: int
+    disk_free_bytes: int
+    disk_total_bytes: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.referenced_raw_bytes / self.unique_raw_bytes if self.unique_raw_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+class _Txn:
+    """A write transaction plus the chunk counter deltas it accumulates."""
+
+    def __init__(self, store: Store, txn: lmdb.Transaction) -> None:
+        self.store = store
+        self.txn = txn
+        self.dbs = store.dbs
+        self.deltas = dict.fromkeys(COUNTERS, 0)
+
+    # -- chunk references -------------------------------------------------
+    def ref_new(self, prep: ch.PreparedChunk) -> None:
+        dbs, txn = self.dbs, self.txn
+        raw = txn.get(prep.digest, db=dbs.chunkrefs)
+        if raw is not None:
+            count, raw_len, stored = ch.unpack_refs(raw)
+            txn.put(prep.digest, ch.pack_refs(count + 1, raw_len, stored), db=dbs.chunkrefs)
+        else:
+            stored = 1 + len(prep.payload)
+            txn.put(prep.digest, bytes((prep.codec,)) + prep.payload, db=dbs.chunks)
+            txn.put(prep.digest, ch.pack_refs(1, prep.raw_length, stored), db=dbs.chunkrefs)
+            self.deltas["chunk_count"] += 1
+            self.deltas["unique_raw_bytes"] += prep.raw_length
+            self.deltas["stored_bytes"] += stored
+        self.deltas["referenced_raw_bytes"] += prep.raw_length
+
+    def ref_existing(self, ref: ChunkRef) -> None:
+        raw = self.txn.get(ref.digest, db=self.dbs.chunkrefs)
+        if raw is None:
+            raise NotFound(f"chunk {ref.digest.hex()[:16]}")
+        count, raw_len, stored = ch.unpack_refs(raw)
+        self.txn.put(ref.digest, ch.pack_refs(count + 1, raw_len, stored), db=self.dbs.chunkrefs)
+        self.deltas["referenced_raw_bytes"] += raw_len
+
+    def unref(self, digest: bytes) -> None:
+        dbs, txn = self.dbs, self.txn
+        raw = txn.get(digest, db=dbs.chunkrefs)
+        if raw is None:
+            log.warning("event=unref_missing_chunk digest=%s", digest.hex()[:16])
+            return
+        count, raw_len, stored = ch.unpack_refs(raw)
+        self.deltas["referenced_raw_bytes"] -= raw_len
+        if count <= 1:
+            txn.delete(digest, db=dbs.chunkrefs)
+            txn.delete(digest, db=dbs.chunks)
+            self.deltas["chunk_count"] -= 1
+            self.deltas["unique_raw_bytes"] -= raw_len
+            self.deltas["stored_bytes"] -= stored
+        else:
+            txn.put(digest, ch.pack_refs(count - 1, raw_len, stored), db=dbs.chunkrefs)
+
+    def release_version(self, raw: bytes | None) -> None:
+        """Drop the chunk reference held by a removed entry version, if any."""
+        if raw is not None and raw[:1] == b"C":
+            self.unref(bytes(raw[1:33]))
+
+    # -- layers -----------------------------------------------------------
+    def new_layer(self, parent: int, family: int = 0) -> int:
+        layer = self.store._next_counter(self.txn, b"next_layer")
+        ly.write_layer(self.txn, self.dbs, ly.LayerRecord(layer, parent, family or layer, 1, False))
+        return layer
+
+    def add_holders(self, layer: int, delta: int, freeze: bool = False) -> None:
+        rec = ly.read_layer(self.txn, self.dbs, layer)
+        holders = rec.holders + delta
+        rec = replace(rec, holders=holders, frozen=rec.frozen or freeze)
+        ly.write_layer(self.txn, self.dbs, rec)
+        if holders <= 0:
+            self.txn.put(ly.u64(layer), b"", db=self.dbs.gcqueue)
+
+    def commit_counters(self) -> None:
+        for name, delta in self.deltas.items():
+            if delta:
+                key = name.encode()
+                cur = self.txn.get(key, db=self.dbs.meta)
+                val = (_U64.unpack(cur)[0] if cur else 0) + delta
+                self.txn.put(key, _U64.pack(max(val, 0)), db=self.dbs.meta)
+
+
+class Store:
+    """A content-addressed chunk store with versioned per-volume key spaces."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        compression_level: int | None = None,
+        map_size: int = DEFAULT_MAP_SIZE,
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise NotFound(f"no store at {self.path}")
+            self.path.mkdir(mode=0o700, parents=True)
+        elif not self.path.is_dir():
+            raise InvalidArgument(f"store path {self.path} is not a directory")
+        os.chmod(self.path, 0o700)
+        try:
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=16,
+                max_readers=1024,
+                readahead=False,
+                subdir=True,
+            )
+        except lmdb.Error as exc:
+            raise _translate_lmdb(exc) from exc
+        self.dbs = ly.Databases(self.env)
+        self.lineages = ly.LineageCache()
+        with self._write() as t:
+            fmt = t.txn.get(b"format", db=self.dbs.meta)
+            if fmt is None:
+                t.txn.put(b"format", _U64.pack(FORMAT_VERSION), db=self.dbs.meta)
+                level = (
+                    DEFAULT_COMPRESSION_LEVEL if compression_level is None else compression_level
+                )
+                t.txn.put(b"compression_level", _U64.pack(level), db=self.dbs.meta)
+            elif _U64.unpack(fmt)[0] != FORMAT_VERSION:
+                raise InvalidArgument(f"store format {_U64.unpack(fmt)[0]} is not supported")
+            if compression_level is not None:
+                t.txn.put(b"compression_level", _U64.pack(compression_level), db=self.dbs.meta)
+        with self._read() as txn:
+            self.compression_level = self._meta_int(txn, b"compression_level")
+
+    # -- plumbing ---------------------------------------------------------
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        try:
+            return self.env.begin(write=write)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size and retry once.
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        txn = self._begin(False)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[_Txn]:
+        txn = self._begin(True)
+        t = _Txn(self, txn)
+        try:
+            yield t
+            t.commit_counters()
+            txn.commit()
+        except lmdb.Error as exc:
+            txn.abort()
+            raise _translate_lmdb(exc) from exc
+        except BaseException:
+            txn.abort()
+            raise
+
+    def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
+        raw = txn.get(key, db=self.dbs.meta)
+        return int(_U64.unpack(raw)[0]) if raw else 0
+
+    def _next_counter(self, txn: lmdb.Transaction, key: bytes) -> int:
+        n = self._meta_int(txn, key) + 1
+        txn.put(key, _U64.pack(n), db=self.dbs.meta)
+        return n
+
+    def _volume(self, txn: lmdb.Transaction, name: str) -> VolumeInfo:
+        key = check_name(name, "volume name")
+        raw = txn.get(key, db=self.dbs.volumes)
+        state = txn.get(key, db=self.dbs.vstate)
+        if raw is None or state is None:
+            raise NotFound(f"volume {name!r} not found")
+        head, used = unpack_vstate(state)
+        return VolumeInfo.from_json(raw, head, used)
+
+    def _snapshot(self, txn: lmdb.Transaction, name: str) -> SnapshotInfo:
+        raw = txn.get(check_name(name, "snapshot name"), db=self.dbs.snapshots)
+        if raw is None:
+            raise NotFound(f"snapshot {name!r} not found")
+        return SnapshotInfo.from_json(raw)
+
+    def _put_volume(self, txn: lmdb.Transaction, info: VolumeInfo) -> None:
+        key = info.name.encode()
+        txn.put(key, info.to_json(), db=self.dbs.volumes)
+        txn.put(key, pack_vstate(info.head, info.used), db=self.dbs.vstate)
+
+    # -- volumes ----------------------------------------------------------
+    def create_volume(
+        self,
+        name: str,
+        capacity: int,
+        mode: str = MODE_FILESYSTEM,
+        parameters: dict[str, str] | None = None,
+    ) -> VolumeInfo:
+        """Create an empty volume; the same call again returns the existing one."""
+        key = check_name(name, "volume name")
+        _check_capacity(capacity)
+        if mode not in MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        params = dict(parameters or {})
+        with self._write() as t:
+            if t.txn.get(key, db=self.dbs.volumes) is not None:
+                existing = self._volume(t.txn, name)
+                if (existing.capacity, existing.mode, existing.parameters, existing.source) != (
+                    capacity,
+                    mode,
+                    params,
+                    "",
+                ):
+                    raise AlreadyExists(f"volume {name!r} exists with different arguments")
+                return existing
+            head = t.new_layer(parent=0)
+            info = VolumeInfo(name, capacity, mode, params, time.time(), "", head, 0)
+            self._put_volume(t.txn, info)
+        log.info("event=volume_created volume=%s capacity=%d mode=%s", name, capacity, mode)
+        return info
+
+    def get_volume(self, name: str) -> VolumeInfo:
+        with self._read() as txn:
+            return self._volume(txn, name)
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        with self._read() as txn:
+            names = [
+                bytes(k).decode() for k in txn.cursor(db=self.dbs.volumes).iternext(values=False)
+            ]
+            return [self._volume(txn, n) for n in names]
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume; its snapshots stay readable. Space is released by ``gc``."""
+        key = check_name(name, "volume name")
+        with self._write() as t:
+            info = self._volume(t.txn, name)
+            t.txn.delete(key, db=self.dbs.volumes)
+            t.txn.delete(key, db=self.dbs.vstate)
+            t.add_holders(info.head, -1)
+        log.info("event=volume_deleted volume=%s", name)
+
+    def expand_volume(self, name: str, capacity: int) -> VolumeInfo:
+        _check_capacity(capacity)
+        with self._write() as t:
+            info = self._volume(t.txn, name)
+            if capacity < info.capacity:
+                raise OutOfRange(
+                    f"volume {name!r} has {info.capacity} bytes; shrinking to {capacity} "
+                    "is not supported"
+                )
+            if capacity != info.capacity:
+                info = replace(info, capacity=capacity)
+                self._put_volume(t.txn, info)
+        return info
+
+    def set_parameters(self, name: str, parameters: dict[str, str]) -> VolumeInfo:
+        """Merge ``parameters`` into a volume's parameters (mutable parameters)."""
+        with self._write() as t:
+            info = self._volume(t.txn, name)
+            info = replace(info, parameters={**info.parameters, **parameters})
+            self._put_volume(t.txn, info)
+        return info
+
+    # -- snapshots and clones ---------------------------------------------
+    def create_snapshot(self, volume: str, name: str) -> SnapshotInfo:
+        """Freeze the volume's head as snapshot ``name``; O(1) in the volume's size."""
+        key = check_name(name, "snapshot name")
+        with self._write() as t:
+            raw = t.txn.get(key, db=self.dbs.snapshots)
+            if raw is not None:
+                existing = SnapshotInfo.from_json(raw)
+                if existing.volume != volume:
+                    raise AlreadyExists(f"snapshot {name!r} exists for volume {existing.volume!r}")
+                return existing
+            info = self._volume(t.txn, volume)
+            frozen = self._freeze_head(t, info)
+            t.add_holders(frozen, +1)
+            snap = SnapshotInfo(
+                name,
+                volume,
+                frozen,
+                info.used,
+                info.capacity,
+                info.mode,
+                dict(info.parameters),
+                time.time(),
+            )
+            t.txn.put(key, snap.to_json(), db=self.dbs.snapshots)
+        log.info("event=snapshot_created snapshot=%s volume=%s", name, volume)
+        return snap
+
+    def _freeze_head(self, t: _Txn, info: VolumeInfo) -> int:
+        """Freeze the volume's head and give it a fresh head on top; returns the frozen id."""
+        frozen = info.head
+        rec = ly.read_layer(t.txn, self.dbs, frozen)
+        new_head = t.new_layer(parent=frozen, family=rec.family)
+        # The volume's hold moves to the new head and the new head holds the frozen
+        # layer instead: the frozen layer's holder count is unchanged.
+        ly.write_layer(t.txn, self.dbs, replace(rec, frozen=True))
+        t.txn.put(info.name.encode(), pack_vstate(new_head, info.used), db=self.dbs.vstate)
+        return frozen
+
+    def get_snapshot(self, name: str) -> SnapshotInfo:
+        with self._read() as txn:
+            return self._snapshot(txn, name)
+
+    def list_snapshots(self, volume: str | None = None) -> list[SnapshotInfo]:
+        with self._read() as txn:
+            snaps = [
+                SnapshotInfo.from_json(v)
+                for v in txn.cursor(db=self.dbs.snapshots).iternext(keys=False)
+            ]
+        return [s for s in snaps if volume is None or s.volume == volume]
+
+    def delete_snapshot(self, name: str) -> None:
+        key = check_name(name, "snapshot name")
+        with self._write() as t:
+            snap = self._snapshot(t.txn, name)
+            t.txn.delete(key, db=self.dbs.snapshots)
+            t.add_holders(snap.layer, -1)
+        log.info("event=snapshot_deleted snapshot=%s", name)
+
+    def clone_snapshot(
+        self,
+        snapshot: str,
+        name: str,
+        capacity: int | None = None,
+        parameters: dict[str, str] | None = None,
+    ) -> VolumeInfo:
+        """A new volume whose head sits on the snapshot's frozen layer; O(1)."""
+        source = f"snapshot:{snapshot}"
+        with self._write() as t:
+            snap = self._snapshot(t.txn, snapshot)
+            existing = self._existing_clone(t.txn, name, source, capacity, parameters)
+            if existing is not None:
+                return existing
+            info = self._new_clone(
+                t,
+                name,
+                snap.layer,
+                snap.size,
+                snap.capacity,
+                snap.mode,
+                snap.parameters,
+                source,
+                capacity,
+                parameters,
+            )
+        log.info("event=volume_cloned volume=%s source=%s", name, source)
+        return info
+
+    def clone_volume(
+        self,
+        volume: str,
+        name: str,
+        capacity: int | None = None,
+        parameters: dict[str, str] | None = None,
+    ) -> VolumeInfo:
+        """A new volume with the live volume's current content; O(1)."""
+        source = f"volume:{volume}"
+        with self._write() as t:
+            src = self._volume(t.txn, volume)
+            existing = self._existing_clone(t.txn, name, source, capacity, parameters)
+            if existing is not None:
+                return existing
+            frozen = self._freeze_head(t, src)
+            info = self._new_clone(
+                t,
+                name,
+                frozen,
+                src.used,
+                src.capacity,
+                src.mode,
+                src.parameters,
+                source,
+                capacity,
+                parameters,
+            )
+        log.info("event=volume_cloned volume=%s source=%s", name, source)
+        return info
+
+    def _existing_clone(
+        self,
+        txn: lmdb.Transaction,
+        name: str,
+        source: str,
+        capacity: int | None,
+        parameters: dict[str, str] | None,
+    ) -> VolumeInfo | None:
+        key = check_name(name, "volume name")
+        if txn.get(key, db=self.dbs.volumes) is None:
+            return None
+        existing = self._volume(txn, name)
+        if existing.source != source or (capacity is not None and capacity != existing.capacity):
+            raise AlreadyExists(f"volume {name!r} exists with different arguments")
+        if parameters is not None and {**existing.parameters, **parameters} != existing.parameters:
+            raise AlreadyExists(f"volume {name!r} exists with different parameters")
+        return existing
+
+    def _new_clone(
+        self,
+        t: _Txn,
+        name: str,
+        parent: int,
+        used: int,
+        src_capacity: int,
+        mode: str,
+        src_parameters: dict[str, str],
+        source: str,
+        capacity: int | None,
+        parameters: dict[str, str] | None,
+    ) -> VolumeInfo:
+        cap = src_capacity if capacity is None else capacity
+        _check_capacity(cap)
+        if cap < src_capacity:
+            raise OutOfRange(f"capacity {cap} is smaller than the source's {src_capacity} bytes")
+        rec = ly.read_layer(t.txn, self.dbs, parent)
+        head = t.new_layer(parent=parent, family=rec.family)
+        t.add_holders(parent, +1)
+        params = {**src_parameters, **(parameters or {})}
+        info = VolumeInfo(name, cap, mode, params, time.time(), source, head, used)
+        self._put_volume(t.txn, info)
+        return info
+
+    # -- views and chunks -------------------------------------------------
+    def volume(self, name: str) -> View:
+        """The writable view of a volume's head."""
+        check_name(name, "volume name")
+        return View(self, name, None)
+
+    def snapshot(self, name: str) -> View:
+        """The read-only view of a snapshot."""
+        with self._read() as txn:
+            snap = self._snapshot(txn, name)
+        return View(self, snap.name, snap.layer)
+
+    def prepare_chunk(self, data: bytes | memoryview, level: int | None = None) -> ch.PreparedChunk:
+        """Hash and compress ``data`` (no lock held; safe to call from worker threads)."""
+        return ch.prepare(data, self.compression_level if level is None else level)
+
+    def read_chunk(self, ref: ChunkRef) -> bytes:
+        """The raw bytes of a chunk, verified against its hash (``Corrupt`` if not)."""
+        with self._read() as txn:
+            stored = txn.get(ref.digest, db=self.dbs.chunks)
+        if stored is None:
+            raise NotFound(f"chunk {ref.digest.hex()[:16]} is missing")
+        return ch.decode(ref.digest, stored, ref.raw_length)
+
+    # -- space and release -------------------------------------------------
+    def stats(self) -> StoreStats:
+        with self._read() as txn:
+            counters = {c: self._meta_int(txn, c.encode()) for c in COUNTERS}
+            entries = txn.stat(self.dbs.entries)["entries"]
+            layers = txn.stat(self.dbs.layers)["entries"]
+            pending = txn.stat(self.dbs.gcqueue)["entries"]
+            nvol = txn.stat(self.dbs.volumes)["entries"]
+            nsnap = txn.stat(self.dbs.snapshots)["entries"]
+            used = sum(
+                unpack_vstate(v)[1] for v in txn.cursor(db=self.dbs.vstate).iternext(keys=False)
+            )
+        vfs = os.statvfs(self.path)
+        data = self.path / "data.mdb"
+        file_bytes = data.stat().st_blocks * 512 if data.exists() else 0
+        return StoreStats(
+            entries=entries,
+            layers=layers,
+            gc_pending_layers=pending,
+            volumes=nvol,
+            snapshots=nsnap,
+            logical_used_bytes=used,
+            file_bytes=file_bytes,
+            disk_free_bytes=vfs.f_bavail * vfs.f_frsize,
+            disk_total_bytes=vfs.f_blocks * vfs.f_frsize,
+            **counters,
+        )
+
+    def gc_pending(self) -> int:
+        with self._read() as txn:
+            return int(txn.stat(self.dbs.gcqueue)["entries"])
+
+    def gc_step(self, budget: float = 0.005, batch: int = 128) -> bool:
+        """Release garbage layers for about ``budget`` seconds; True if work remains."""
+        deadline = time.monotonic() + budget
+        with self._write() as t:
+            txn, dbs = t.txn, self.dbs
+            while time.monotonic() < deadline:
+                first = txn.cursor(db=dbs.gcqueue)
+                if not first.first():
+                    return False
+                layer = ly.from_u64(first.key())
+                rec = ly.read_layer(txn, dbs, layer)
+                keys = list(_take(ly.iter_layer_keys(txn, dbs, layer), batch))
+                for ekey in keys:
+                    vkey = ly.version_key(rec.family, ekey, layer)
+                    t.release_version(txn.get(vkey, db=dbs.entries))
+                    txn.delete(vkey, db=dbs.entries)
+                    txn.delete(ly.u64(layer) + ekey, db=dbs.layerkeys)
+                if len(keys) < batch:
+                    txn.delete(ly.u64(layer), db=dbs.layers)
+                    txn.delete(ly.u64(layer), db=dbs.gcqueue)
+                    if rec.parent:
+                        t.add_holders(rec.parent, -1)
+                    log.debug("event=layer_released layer=%d", layer)
+            cur = txn.cursor(db=dbs.gcqueue)
+            return bool(cur.first())
+
+    def gc(self, progress: Callable[[int], None] | None = None) -> int:
+        """Run ``gc_step`` until nothing is left; returns the number of steps."""
+        steps = 0
+        while self.gc_step():
+            steps += 1
+            if progress:
+                progress(self.gc_pending())
+        return steps + 1
+
+
+def _take(it: Iterator[bytes], n: int) -> Iterator[bytes]:
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+def _check_capacity(capacity: int) -> None:
+    if not isinstance(capacity, int) or capacity <= 0:
+        raise InvalidArgument(f"capacity must be a positive number of bytes, not {capacity!r}")
+    if capacity > 2**62:
+        raise OutOfRange(f"capacity {capacity} is too large")
+
+
+class View:
+    """A volume head (writable) or a snapshot (read-only) key space."""
+
+    def __init__(self, store: Store, name: str, snapshot_layer: int | None) -> None:
+        self.store = store
+        self.name = name
+        self._snapshot_layer = snapshot_layer
+        self._key = name.encode()
+
+    @property
+    def writable(self) -> bool:
+        return self._snapshot_layer is None
+
+    def lineage(self, txn: lmdb.Transaction) -> tuple[Lineage, int]:
+        """The view's lineage and logical bytes used, as of ``txn``."""
+        dbs = self.store.dbs
+        if self._snapshot_layer is not None:
+            raw = txn.get(self._key, db=dbs.snapshots)
+            if raw is None:
+                raise NotFound(f"snapshot {self.name!r} not found")
+            layer, used = self._snapshot_layer, SnapshotInfo.from_json(raw).size
+        else:
+            state = txn.get(self._key, db=dbs.vstate)
+            if state is None:
+                raise NotFound(f"volume {self.name!r} not found")
+            layer, used = unpack_vstate(state)
+        return self.store.lineages.get(txn, dbs, layer), used
+
+    def get(self, key: bytes) -> Value | None:
+        with self.store._read() as txn:
+            lin, _ = self.lineage(txn)
+            return ly.lookup(txn, self.store.dbs, lin, key)
+
+    def get_many(self, keys: list[bytes]) -> list[Value | None]:
+        with self.store._read() as txn:
+            lin, _ = self.lineage(txn)
+            return [ly.lookup(txn, self.store.dbs, lin, k) for k in keys]
+
+    def scan(
+        self, prefix: bytes = b"", start: bytes | None = None, limit: int | None = None
+    ) -> list[tuple[bytes, Value]]:
+        """Visible entries under ``prefix`` in key order, from ``start`` (inclusive)."""
+        out: list[tuple[bytes, Value]] = []
+        with self.store._read() as txn:
+            lin, _ = self.lineage(txn)
+            for item in ly.scan(txn, self.store.dbs, lin, prefix, start):
+                out.append(item)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def read_chunk(self, key: bytes) -> bytes | None:
+        """The bytes of the chunk stored under ``key``; None for a hole."""
+        value = self.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, ChunkRef):
+            raise InvalidArgument(f"entry {key!r} is not a chunk")
+        return self.store.read_chunk(value)
+
+    def usage(self) -> tuple[int, int]:
+        """(logical bytes used, capacity)."""
+        if self._snapshot_layer is not None:
+            snap = self.store.get_snapshot(self.name)
+            return snap.size, snap.capacity
+        info = self.store.get_volume(self.name)
+        return info.used, info.capacity
+
+    def put(self, key: bytes, value: bytes) -> None:
+        with self.batch() as b:
+            b.put(key, value)
+
+    def put_chunk(self, key: bytes, data: bytes | ch.PreparedChunk) -> None:
+        prep = data if isinstance(data, ch.PreparedChunk) else self.store.prepare_chunk(data)
+        with self.batch() as b:
+            b.put_chunk(key, prep)
+
+    def delete(self, key: bytes) -> bool:
+        with self.batch() as b:
+            return b.delete(key)
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """One write transaction on this view; committed when the block exits cleanly."""
+        if not self.writable:
+            raise ReadOnly(f"snapshot {self.name!r} is read-only")
+        with self.store._write() as t:
+            lin, used = self.lineage(t.txn)
+            b = Batch(self, t, lin, used)
+            yield b
+            if b.used != used:
+                t.txn.put(self._key, pack_vstate(lin.layer, b.used), db=self.store.dbs.vstate)
+
+
+class Batch:
+    """Changes to one volume head inside one write transaction (reads see them)."""
+
+    def __init__(self, view: View, t: _Txn, lin: Lineage, used: int) -> None:
+        self.view = view
+        self._t = t
+        self._lin = lin
+        self.used = used
+        self._capacity: int | None = None
+        self._dbs = view.store.dbs
+
+    @property
+    def capacity(self) -> int:
+        if self._capacity is None:
+            self._capacity = self.view.store._volume(self._t.txn, self.view.name).capacity
+        return self._capacity
+
+    def get(self, key: bytes) -> Value | None:
+        return ly.lookup(self._t.txn, self._dbs, self._lin, key)
+
+    def scan(
+        self, prefix: bytes = b"", start: bytes | None = None
+    ) -> Iterator[tuple[bytes, Value]]:
+        return ly.scan(self._t.txn, self._dbs, self._lin, prefix, start)
+
+    def _visible_chunk_length(self, key: bytes) -> int:
+        raw = ly.lookup_raw(self._t.txn, self._dbs, self._lin, key)
+        return struct.unpack(">I", raw[33:37])[0] if raw is not None and raw[:1] == b"C" else 0
+
+    def _charge(self, key: bytes, new_length: int) -> None:
+        """Account a visible chunk of ``new_length`` replacing whatever ``key`` had."""
+        old = self._visible_chunk_length(key)
+        used = self.used - old + new_length
+        if new_length > old and used > self.capacity:
+            raise NoSpace(
+                f"volume {self.view.name!r}: {used} bytes would exceed its capacity "
+                f"of {self.capacity}"
+            )
+        self.used = used
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._charge(key, 0)
+        old = ly.set_version(self._t.txn, self._dbs, self._lin, key, ly.encode_value(value))
+        self._t.release_version(old)
+
+    def put_chunk(self, key: bytes, prep: ch.PreparedChunk) -> None:
+        """Store a prepared chunk under ``key``; a hole deletes the key."""
+        if prep.is_hole:
+            self.delete(key)
+            return
+        self._charge(key, prep.raw_length)
+        self._t.ref_new(prep)
+        raw = ly.encode_value(ChunkRef(prep.digest, prep.raw_length))
+        self._t.release_version(ly.set_version(self._t.txn, self._dbs, self._lin, key, raw))
+
+    def put_ref(self, key: bytes, ref: ChunkRef) -> None:
+        """Point ``key`` at an already stored chunk (a cheap copy of file data)."""
+        self._charge(key, ref.raw_length)
+        self._t.ref_existing(ref)
+        raw = ly.encode_value(ref)
+        self._t.release_version(ly.set_version(self._t.txn, self._dbs, self._lin, key, raw))
+
+    def delete(self, key: bytes) -> bool:
+        """Hide ``key`` in this view; True if it was visible."""
+        txn, dbs, lin = self._t.txn, self._dbs, self._lin
+        if ly.lookup_raw(txn, dbs, lin, key) is None:
+            return False
+        self._charge(key, 0)
+        below = ly.parent_lookup_raw(txn, dbs, lin, key)
+        old = ly.set_version(txn, dbs, lin, key, ly.TOMBSTONE if below is not None else None)
+        self._t.release_version(old)
+        return True
+
+    def delete_prefix(self, prefix: bytes, start: bytes | None = None) -> int:
+        """Delete every visible key under ``prefix`` (from ``start``); returns the count."""
+        keys = [k for k, _ in self.scan(prefix, start)]
+        for k in keys:
+            self.delete(k)
+        return len(keys)

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from blockstore import (
+    AlreadyExists,
+    ChunkRef,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    ReadOnly,
+    Store,
+    fsck,
+)
+
+
+@pytest.fixture
+def store(store_dir: Path):
+    s = Store(store_dir)
+    yield s
+    s.close()
+
+
+def test_store_directory_is_private(store: Store, store_dir: Path) -> None:
+    assert (store_dir.stat().st_mode & 0o777) == 0o700
+
+
+def test_snapshot_freezes_and_head_moves_on(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put(b"k", b"old")
+    store.create_snapshot("v", "s")
+    v.put(b"k", b"new")
+    v.put(b"only-head", b"x")
+    snap = store.snapshot("s")
+    assert snap.get(b"k") == b"old"
+    assert snap.get(b"only-head") is None
+    assert v.get(b"k") == b"new"
+    with pytest.raises(ReadOnly):
+        snap.put(b"k", b"nope")
+
+
+def test_tombstone_hides_older_version(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put(b"k", b"1")
+    store.create_snapshot("v", "s")
+    assert v.delete(b"k") is True
+    assert v.get(b"k") is None
+    assert [k for k, _ in v.scan()] == []
+    assert store.snapshot("s").get(b"k") == b"1"
+    assert v.delete(b"k") is False
+
+
+def test_idempotent_create_and_conflicts(store: Store) -> None:
+    a = store.create_volume("v", 1 << 20, parameters={"x": "1"})
+    assert store.create_volume("v", 1 << 20, parameters={"x": "1"}).head == a.head
+    with pytest.raises(AlreadyExists):
+        store.create_volume("v", 2 << 20)
+    store.create_volume("w", 1 << 20)
+    store.create_snapshot("v", "s")
+    assert store.create_snapshot("v", "s").layer == store.get_snapshot("s").layer
+    with pytest.raises(AlreadyExists):
+        store.create_snapshot("w", "s")
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "../escape", "a/b", "x" * 129, "sp ace"])
+def test_bad_names_are_rejected(store: Store, name: str) -> None:
+    with pytest.raises(InvalidArgument):
+        store.create_volume(name, 1 << 20)
+
+
+def test_clone_from_snapshot_and_volume_are_independent(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put_chunk(b"c", os.urandom(4096))
+    store.create_snapshot("v", "s")
+    store.clone_snapshot("s", "from-snap")
+    store.clone_volume("v", "from-vol")
+    v.put(b"after", b"1")
+    store.volume("from-snap").put(b"mine", b"1")
+    assert store.volume("from-vol").get(b"after") is None
+    assert v.get(b"mine") is None
+    assert store.volume("from-snap").read_chunk(b"c") == v.read_chunk(b"c")
+    with pytest.raises(OutOfRange):
+        store.clone_snapshot("s", "tiny", capacity=1000)
+
+
+def test_capacity_is_enforced_and_nothing_is_lost(store: Store) -> None:
+    store.create_volume("v", 3 * 4096)
+    v = store.volume("v")
+    blocks = [os.urandom(4096) for _ in range(4)]
+    for i in range(3):
+        v.put_chunk(b"c%d" % i, blocks[i])
+    with pytest.raises(NoSpace):
+        v.put_chunk(b"c3", blocks[3])
+    assert [v.read_chunk(b"c%d" % i) for i in range(3)] == blocks[:3]
+    assert v.get(b"c3") is None
+    # Overwriting in place does not grow usage.
+    v.put_chunk(b"c0", blocks[3])
+    assert store.get_volume("v").used == 3 * 4096
+    store.expand_volume("v", 4 * 4096)
+    v.put_chunk(b"c3", blocks[0])
+    assert fsck(store).clean
+
+
+def test_zero_chunks_are_holes(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put_chunk(b"z", bytes(65536))
+    assert v.get(b"z") is None
+    assert store.stats().chunk_count == 0
+
+
+def test_dedup_and_corruption_detection(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    data = os.urandom(65536)
+    v.put_chunk(b"a", data)
+    v.put_chunk(b"b", data)
+    st = store.stats()
+    assert st.chunk_count == 1 and st.dedup_ratio == 2.0
+    ref = v.get(b"a")
+    assert isinstance(ref, ChunkRef)
+    # Flip one stored byte behind the store's back.
+    with store.env.begin(write=True) as txn:
+        stored = bytearray(txn.get(ref.digest, db=store.dbs.chunks))
+        stored[-1] ^= 0xFF
+        txn.put(ref.digest, bytes(stored), db=store.dbs.chunks)
+    from blockstore import Corrupt
+
+    with pytest.raises(Corrupt):
+        v.read_chunk(b"a")
+    assert not fsck(store).clean
+
+
+def test_delete_everything_returns_to_empty(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    for i in range(10):
+        v.put_chunk(b"c%d" % i, os.urandom(1000))
+        v.put(b"m%d" % i, b"meta")
+    store.create_snapshot("v", "s")
+    store.clone_snapshot("s", "c")
+    store.delete_volume("v")
+    assert store.snapshot("s").get(b"m3") == b"meta"
+    store.delete_snapshot("s")
+    store.delete_volume("c")
+    store.gc()
+    st = store.stats()
+    assert (st.chunk_count, st.entries, st.layers, st.stored_bytes) == (0, 0, 0, 0)
+    assert fsck(store).clean
+    with pytest.raises(NotFound):
+        store.get_volume("v")
