@@ -22,7 +22,8 @@ from .errors import (
 )
 from .fsck import FsckReport, fsck
 from .layers import ChunkRef
-from .store import Batch, Store, StoreStats, View
+from .store import Store, StoreStats
+from .views import Batch, View
 
 __all__ = [
     "HOLE",

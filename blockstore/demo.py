@@ -63,9 +63,11 @@ def main() -> None:
         st = s.stats()
         step(
             "space",
-            lambda: f"{st.chunk_count} chunks, logical {st.logical_used_bytes / MiB:.1f} MiB, "
-            f"stored {st.stored_bytes / MiB:.1f} MiB, dedup {st.dedup_ratio:.2f}x, "
-            f"compression {st.compression_ratio:.2f}x",
+            lambda: (
+                f"{st.chunk_count} chunks, logical {st.logical_used_bytes / MiB:.1f} MiB, "
+                f"stored {st.stored_bytes / MiB:.1f} MiB, dedup {st.dedup_ratio:.2f}x, "
+                f"compression {st.compression_ratio:.2f}x"
+            ),
         )
         step("fsck", lambda: "clean" if fsck(s).clean else "PROBLEMS")
 
