@@ -31,5 +31,10 @@ test: lint typecheck pytest
 bench: setup
 	$(PY) -m benchmarks.store_bench
 
+# Regenerates csi_frontend/proto/csi_pb2*.py(i) from csi.proto.
+.PHONY: proto
+proto: setup
+	PYTHON=$(PY) scripts/gen-proto
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

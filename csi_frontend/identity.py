@@ -1,0 +1,38 @@
+"""The CSI Identity service: who we are, what we offer, whether we are healthy."""
+
+from __future__ import annotations
+
+import grpc
+
+from .errors import CsiError
+from .plugin import VERSION, Plugin
+from .proto import csi_pb2, csi_pb2_grpc
+
+Service = csi_pb2.PluginCapability.Service
+Expansion = csi_pb2.PluginCapability.VolumeExpansion
+
+
+class Identity(csi_pb2_grpc.IdentityServicer):
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+
+    def GetPluginInfo(self, req, context):
+        return csi_pb2.GetPluginInfoResponse(
+            name=self.plugin.config.driver_name, vendor_version=VERSION
+        )
+
+    def GetPluginCapabilities(self, req, context):
+        resp = csi_pb2.GetPluginCapabilitiesResponse()
+        for svc in (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS):
+            resp.capabilities.add().service.type = svc
+        resp.capabilities.add().volume_expansion.type = Expansion.ONLINE
+        return resp
+
+    def Probe(self, req, context):
+        try:
+            self.plugin.store.stats()
+        except Exception as exc:
+            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION, f"store unusable: {exc}") from exc
+        resp = csi_pb2.ProbeResponse()
+        resp.ready.value = True
+        return resp

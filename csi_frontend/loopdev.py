@@ -1,0 +1,89 @@
+"""Loop devices for raw block volumes.
+
+A block volume's FUSE mount holds one file, the disk image; the node attaches a
+loop device to it at stage time and bind-mounts the device node onto the
+publish target. The backing file is found again after a restart through
+``losetup --json``, so attachments are never leaked or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class LoopError(Exception):
+    """losetup failed; the message carries its stderr."""
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    name: str  # /dev/loopN
+    backing_file: str
+    read_only: bool
+
+
+def _losetup(args: list[str]) -> str:
+    proc = subprocess.run(["losetup", *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LoopError(f"losetup {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def list_devices() -> list[LoopDevice]:
+    out = _losetup(["--json", "--list", "--output", "NAME,BACK-FILE,RO"])
+    if not out.strip():
+        return []
+    devices = []
+    for d in json.loads(out).get("loopdevices", []):
+        back = (d.get("back-file") or "").removesuffix(" (deleted)")
+        ro = d.get("ro") in (True, 1, "1")
+        devices.append(LoopDevice(d["name"], back, ro))
+    return devices
+
+
+def find_by_backing_file(path: str | os.PathLike[str]) -> LoopDevice | None:
+    target = os.path.realpath(os.fspath(path))
+    for dev in list_devices():
+        if dev.backing_file == target:
+            return dev
+    return None
+
+
+def attach(path: str | os.PathLike[str], read_only: bool = False) -> LoopDevice:
+    """Attach a loop device to ``path``, or return the one already attached."""
+    existing = find_by_backing_file(path)
+    if existing is not None:
+        return existing
+    args = ["--find", "--show"]
+    if read_only:
+        args.append("--read-only")
+    name = _losetup([*args, os.fspath(path)]).strip()
+    log.info("event=loop_attached device=%s file=%s ro=%s", name, path, read_only)
+    return LoopDevice(name, os.path.realpath(os.fspath(path)), read_only)
+
+
+def detach(device: str) -> None:
+    try:
+        _losetup(["--detach", device])
+    except LoopError as exc:
+        if "No such device" in str(exc) or "not a block device" in str(exc):
+            return
+        raise
+    log.info("event=loop_detached device=%s", device)
+
+
+def refresh_size(device: str) -> None:
+    """Make the loop device see its backing file's new size (online expansion)."""
+    _losetup(["--set-capacity", device])
+
+
+def size_bytes(device: str) -> int:
+    name = os.path.basename(device)
+    with open(f"/sys/block/{name}/size") as f:
+        return int(f.read().strip()) * 512
