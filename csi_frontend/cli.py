@@ -134,6 +134,8 @@ def call(a: argparse.Namespace) -> int:
 
 
 def serve(a: argparse.Namespace) -> int:
+    from blockstore import StoreError
+
     from .plugin import DEFAULT_DRIVER_NAME, Config
     from .server import Server
 
@@ -151,10 +153,10 @@ def serve(a: argparse.Namespace) -> int:
         return 2
     try:
         server = Server(config, a.endpoint, a.metrics_address, a.socket_group)
-    except (ValueError, OSError) as exc:
+        server.serve_forever()
+    except (ValueError, OSError, StoreError) as exc:
         print(f"fusedrive-csi: error: {exc}", file=sys.stderr)
         return 1
-    server.serve_forever()
     return 0
 
 

@@ -16,7 +16,6 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from blockstore import MODE_BLOCK, MODE_FILESYSTEM, NotFound, SnapshotInfo, VolumeInfo
-from blockstore.catalog import check_name
 
 from . import mounts
 from . import validation as v
@@ -99,11 +98,11 @@ def paginate(ids: list[str], max_entries: int, token: str) -> tuple[list[str], s
         raise invalid("max_entries must not be negative")
     ids = sorted(ids)
     if token:
-        try:
-            check_name(token)
-        except Exception:
-            raise CsiError(grpc.StatusCode.ABORTED, f"invalid starting_token {token!r}") from None
-        ids = [i for i in ids if i >= token]
+        # A token is the first id of the next page; one that names no entry was not issued
+        # by us (or its entry is gone): ABORTED, so the CO restarts the listing.
+        if token not in ids:
+            raise CsiError(grpc.StatusCode.ABORTED, f"invalid starting_token {token!r}")
+        ids = ids[ids.index(token) :]
     if max_entries and len(ids) > max_entries:
         return ids[:max_entries], ids[max_entries]
     return ids, ""
@@ -263,8 +262,10 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             info = self.plugin.store.get_volume(vid)
             cap = capacity_from_range(req.capacity_range, info.capacity, floor=info.capacity)
             info = self.plugin.store.expand_volume(vid, cap)
-        # A mount volume's statfs reads the capacity live; a block volume's image
-        # file and loop device grow on the node.
+            # A live mount picks up the new capacity when asked to flush (fusedrive.control).
+            self.plugin.flush_volume(vid)
+        # A mount volume's statfs then shows it at once; a block volume's loop device
+        # grows on the node.
         return csi_pb2.ControllerExpandVolumeResponse(
             capacity_bytes=info.capacity, node_expansion_required=info.mode == MODE_BLOCK
         )

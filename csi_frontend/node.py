@@ -348,7 +348,9 @@ class Node(csi_pb2_grpc.NodeServicer):
 
     def _recover_one(self, rec: VolumeRecord) -> None:
         staging = rec.staging_path
-        if not staging or not (os.path.isdir(staging) or rec.ephemeral):
+        # A mount whose daemon died fails stat (ENOTCONN): a mount point still counts as there.
+        present = os.path.isdir(staging) or mounts.is_mounted(staging)
+        if not staging or not (present or rec.ephemeral):
             # The CO removed the staging directory: nothing to bring back.
             for target in list(rec.targets):
                 mounts.unmount(target)
@@ -368,7 +370,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         was_healthy = mounts.is_mounted(staging) and mounts.is_healthy(staging)
         self._stage(rec)
         for target, opts in list(rec.targets.items()):
-            if not os.path.exists(target):
+            if not os.path.exists(target) and not mounts.is_mounted(target):
                 del rec.targets[target]
                 continue
             if mounts.is_mounted(target) and (not was_healthy or not mounts.is_healthy(target)):

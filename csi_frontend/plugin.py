@@ -77,7 +77,8 @@ class Plugin:
         """Make a staged volume's FUSE daemon commit its buffered writes now.
 
         Called before CreateSnapshot and before a clone of a live volume, so the
-        snapshot holds every write that returned before the request.
+        snapshot holds every write that returned before the request, and after an
+        expansion, so the mount reports the new capacity.
         """
         rec = self.state.get(volume_id)
         if rec is None or not rec.staging_path:
@@ -89,5 +90,5 @@ class Plugin:
         except OSError as exc:
             raise CsiError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"could not flush staged volume {volume_id!r} before the snapshot: {exc}",
+                f"could not flush staged volume {volume_id!r}: {exc}",
             ) from exc

@@ -22,7 +22,7 @@ MAX_STRING = 128
 MAX_MAP = 4096
 MAX_PATH = 4096
 
-Mode = csi_pb2.VolumeCapability.AccessMode
+Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 SUPPORTED_MODES = frozenset(
     {
         Mode.SINGLE_NODE_WRITER,

@@ -1,0 +1,1 @@
+"""Reproducible performance measurements; each writes JSON and a plot to ``results/``."""

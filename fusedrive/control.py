@@ -1,0 +1,68 @@
+"""Asking a live fusedrive mount to do something, from any other process.
+
+The only request is a flush: ``request_flush(mountpoint)`` returns once the daemon
+serving ``mountpoint`` has committed every write that returned before the call
+(so a snapshot cut right after holds them all), and has picked up a change of the
+volume's capacity (a block volume's image grows with it).
+
+Mechanism: ``setxattr(mountpoint, "trusted.fusedrive.flush", b"1")``. The kernel
+passes it to the daemon as a setxattr request on the root inode, which the daemon
+answers only after the flush has committed; the attribute is never stored. The
+``trusted.`` namespace needs CAP_SYS_ADMIN, so pods cannot use it to make the
+daemon flush in a loop. A read-only mount (or a read-only bind mount of a live
+one) holds no buffered writes; the kernel refuses the request there with EROFS,
+which counts as success. Callers that bind-mount a volume elsewhere should ask
+the mount the daemon serves (the staging path), not a read-only bind.
+
+This module imports neither pyfuse3 nor trio: the CSI plugin and the command line
+use it without loading the FUSE stack.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FLUSH_XATTR = "trusted.fusedrive.flush"
+FLUSH_XATTR_BYTES = FLUSH_XATTR.encode()
+FSTYPE = "fuse.fusedrive"
+
+
+def _mount_fstype(mountpoint: Path) -> str | None:
+    """The filesystem type of the topmost mount exactly at ``mountpoint``, if any."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) > 4 and rfields:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if point == target:
+                    found = rfields[0]
+    return found
+
+
+def request_flush(mountpoint: Path) -> None:
+    """Make the fusedrive mount at ``mountpoint`` commit its buffered writes.
+
+    Raises ``OSError``: ENOENT if ``mountpoint`` is not a fusedrive mount, ENOTCONN
+    if its daemon is gone, or the error the flush itself failed with (e.g. ENOSPC,
+    EIO). Returns at once for read-only mounts.
+    """
+    mp = Path(mountpoint)
+    fstype = _mount_fstype(mp)
+    if fstype != FSTYPE:
+        raise OSError(errno.ENOENT, f"{mp} is not a fusedrive mount (found {fstype or 'no mount'})")
+    try:
+        os.setxattr(mp, FLUSH_XATTR, b"1")
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            return
+        raise OSError(exc.errno, f"flush of {mp} failed: {os.strerror(exc.errno or 0)}") from exc
+    log.debug("event=flush_requested mountpoint=%s", mp)

@@ -1,0 +1,510 @@
+"""The filesystem of one volume: POSIX semantics in plain synchronous Python, no FUSE.
+
+``Filesystem`` mirrors the FUSE low-level operations (inode numbers, lookup counts,
+file handles) so that ``fuse_adapter`` stays a thin translation, and tests drive it
+directly. It is ``Namespace`` (inodes, directories, links, xattrs) plus open files,
+file contents (``FileData``), flushing, mkfs and orphan cleanup. Records and keys
+are described in ``schema``; buffering, the read cache and the flush transaction in
+``filedata``.
+
+Invariants:
+- one writer per volume: while a filesystem is open read-write, its in-memory
+  state is the truth and the store lags behind by at most the unflushed layers
+  (``flush`` writes them in one transaction; LMDB syncs it);
+- no chunk holds bytes at or past its file's size (truncate cuts the last chunk),
+  so growing a file never touches data and no operation allocates or loops in
+  proportion to a file size or an offset;
+- only ``FsError`` leaves a public method (store errors map in ``errors``);
+- a snapshot, or a volume opened read-only, is never written: not even atime or
+  mkfs (an empty one is served from memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from blockstore import MAX_CHUNK_SIZE, MODE_BLOCK, Corrupt, InvalidArgument, StoreError, View
+
+from .errors import FlushNeeded, FsError, fs_op, store_errors, translate
+from .filedata import FileData, FlushJob, Layer
+from .namespace import Attributes, Ctx, Namespace, now_ns
+from .schema import (
+    DISK_IMAGE_NAME,
+    NAME_MAX,
+    ORPHAN_PREFIX,
+    ROOT_INO,
+    SUPERBLOCK_KEY,
+    DirState,
+    Inode,
+    Superblock,
+    orphan_ino,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_DIRTY_LIMIT = 32 * 1024 * 1024  # measured: 64 MiB doubles RSS for no throughput
+DEFAULT_CACHE_LIMIT = 32 * 1024 * 1024
+MAX_FILE_SIZE = (1 << 63) - 1
+COPY_MAX = 64 * 1024 * 1024  # copy_range copies at most this much per call
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+_INODE_CACHE_MAX = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    favail: int
+    namemax: int
+
+
+@dataclass(slots=True)
+class Handle:
+    ino: int
+    flags: int
+
+
+def _param_int(params: dict[str, str], key: str, default: int, base: int = 10) -> int:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw, base)
+    except ValueError as exc:
+        raise InvalidArgument(f"volume parameter {key}={raw!r} is not a number") from exc
+
+
+class Filesystem(Namespace):
+    """A POSIX filesystem over one volume head (or, read-only, one snapshot)."""
+
+    def __init__(
+        self,
+        view: View,
+        *,
+        read_only: bool = False,
+        dirty_limit: int = DEFAULT_DIRTY_LIMIT,
+        cache_limit: int = DEFAULT_CACHE_LIMIT,
+    ) -> None:
+        with store_errors():
+            self._open(view, read_only, dirty_limit, cache_limit)
+
+    def _open(self, view: View, read_only: bool, dirty_limit: int, cache_limit: int) -> None:
+        self.store = view.store
+        if view.writable:
+            info = self.store.get_volume(view.name)
+            self.block_mode, params = info.mode == MODE_BLOCK, info.parameters
+        else:
+            snap = self.store.get_snapshot(view.name)
+            self.block_mode, params = snap.mode == MODE_BLOCK, snap.parameters
+        level = _param_int(params, "compression_level", self.store.compression_level)
+        raw = view.get(SUPERBLOCK_KEY)
+        if raw is not None and not isinstance(raw, bytes):
+            raise Corrupt("the volume's superblock entry is not a plain value")
+        sb = Superblock.unpack(raw) if raw is not None else None
+        cs = (
+            sb.chunk_size
+            if sb is not None
+            else _param_int(params, "chunk_size", DEFAULT_CHUNK_SIZE)
+        )
+        if cs < 4096 or cs > MAX_CHUNK_SIZE or cs % 4096:
+            raise InvalidArgument(
+                f"chunk_size {cs} must be a multiple of 4096 between 4096 and {MAX_CHUNK_SIZE}"
+            )
+        self.chunk_size = cs
+        data = FileData(view, cs, level, dirty_limit, cache_limit)
+        super().__init__(view, data, read_only or not view.writable)
+        self.handles: dict[int, Handle] = {}
+        if sb is None:
+            self._mkfs(params)
+        else:
+            self.next_ino, self.inode_count = sb.next_ino, sb.inode_count
+            if not self.read_only:
+                self._delete_orphans()
+        self._grow_disk_image()
+
+    # -- mkfs, orphans, block image ---------------------------------------------------------------
+    def _mkfs(self, params: dict[str, str]) -> None:
+        """Create an empty filesystem; persisted at once unless read-only (then in memory)."""
+        now = now_ns()
+        root_mode = stat.S_IFDIR | (_param_int(params, "root_mode", 0o755, 8) & 0o7777)
+        uid, gid = _param_int(params, "root_uid", 0), _param_int(params, "root_gid", 0)
+        root = Inode(ROOT_INO, root_mode, uid, gid, 2, 0, 0, now, now, now, parent=ROOT_INO)
+        self.inodes[ROOT_INO] = root
+        self.dirs[ROOT_INO] = DirState()
+        self.xattrs[ROOT_INO] = {}
+        self.next_ino, self.inode_count = ROOT_INO + 1, 1
+        if self.block_mode:
+            img = self._new_inode(stat.S_IFREG | 0o600, Ctx(0, 0))
+            img.size = self.data.capacity
+            self._add_entry(root, DISK_IMAGE_NAME, img)
+        if self.read_only:
+            self.data.live = Layer()  # an empty snapshot: the tree lives in memory only
+            self.dirty.clear()
+            return
+        self.sb_dirty = True
+        self.dirty.add(ROOT_INO)
+        self.flush()
+        log.info(
+            "event=mkfs volume=%s chunk_size=%d block=%s",
+            self.view.name,
+            self.chunk_size,
+            self.block_mode,
+        )
+
+    def _delete_orphans(self) -> None:
+        orphans = [orphan_ino(k) for k, _ in self.view.scan(ORPHAN_PREFIX)]
+        for ino in orphans:
+            self._destroy(ino)
+        if orphans:
+            self.flush()
+            log.info("event=orphans_deleted volume=%s count=%d", self.view.name, len(orphans))
+
+    def _grow_disk_image(self) -> int | None:
+        """A block volume's image follows the volume's capacity (never shrinks).
+
+        Returns the image's inode if it grew.
+        """
+        if not self.block_mode or self.read_only:
+            return None
+        ent = self._dir(ROOT_INO).entries.get(DISK_IMAGE_NAME)
+        if ent is None:
+            return None
+        img = self._inode(ent[0])
+        if img.size >= self.data.capacity:
+            return None
+        log.info("event=disk_image_grown from=%d to=%d", img.size, self.data.capacity)
+        img.size = self.data.capacity
+        self._touch(img)
+        return img.ino
+
+    # -- open files -------------------------------------------------------------------------------
+
+    def _new_handle(self, node: Inode, flags: int) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(node.ino, flags)
+        node.opens += 1
+        return fh
+
+    def _handle(self, fh: int) -> Inode:
+        h = self.handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        return self._inode(h.ino)
+
+    @fs_op
+    def open(self, ino: int, flags: int) -> int:
+        node = self._inode(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
+        return self._new_handle(node, flags)
+
+    @fs_op
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx
+    ) -> tuple[int, Attributes]:
+        pnode = self._new_name(parent, name)
+        node = self._new_inode(stat.S_IFREG | (mode & 0o7777), ctx, 0, pnode)
+        self._add_entry(pnode, name, node)
+        node.lookups += 1
+        return self._new_handle(node, flags), self._attrs(node)
+
+    @fs_op
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        node = self.inodes.get(h.ino)
+        if node is not None:
+            node.opens -= 1
+            self._maybe_destroy(node)
+
+    @fs_op
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        ctime_ns: int | None = None,
+    ) -> Attributes:
+        self._writable()
+        node = self._inode(ino)
+        now = now_ns()
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise FsError(errno.EINVAL)
+            if size < 0 or size > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG if size > 0 else errno.EINVAL)
+            self._set_size(node, size)
+            node.mtime_ns = now
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+        if uid is not None:
+            node.uid = uid
+        if gid is not None:
+            node.gid = gid
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+        node.ctime_ns = now if ctime_ns is None else ctime_ns
+        self.dirty.add(ino)
+        return self._attrs(node)
+
+    @fs_op
+    def statfs(self) -> StatFs:
+        d = self.data
+        capacity = d.capacity
+        used = min(d.used + max(d.pending_growth(), 0), capacity)
+        blocks = capacity // 4096
+        free = (capacity - used) // 4096
+        files_max = 1 << 32
+        ffree = max(files_max - self.inode_count, 0)
+        return StatFs(4096, 4096, blocks, free, free, files_max, ffree, ffree, NAME_MAX)
+
+    # -- file data --------------------------------------------------------------------------------
+
+    def _regular(self, node: Inode) -> Inode:
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.EINVAL)
+        return node
+
+    @fs_op
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._handle(fh)
+        if off < 0 or size < 0:
+            raise FsError(errno.EINVAL)
+        out = self.data.read(node.ino, node.size, off, size)
+        self._relatime(node)
+        return out
+
+    @fs_op
+    def write(self, fh: int, off: int, data: bytes | memoryview) -> int:
+        """Write ``data`` at ``off`` (at the end for O_APPEND handles); all or nothing."""
+        for _ in range(4):
+            try:
+                return self._write(fh, off, data)
+            except FlushNeeded:
+                self.flush()
+        raise FsError(errno.ENOSPC)
+
+    def try_write(self, fh: int, off: int, data: bytes | memoryview) -> int:
+        """``write`` that raises FlushNeeded instead of flushing (for the async adapter)."""
+        with store_errors():
+            return self._write(fh, off, data)
+
+    def _write(self, fh: int, off: int, data: bytes | memoryview) -> int:
+        self._writable()
+        node = self._regular(self._handle(fh))
+        if self.handles[fh].flags & os.O_APPEND:
+            off = node.size
+        if off < 0:
+            raise FsError(errno.EINVAL)
+        if not len(data):
+            return 0
+        if off + len(data) > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        node.size = self.data.write(node.ino, node.size, off, data, self.has_pending())
+        self._touch(node)
+        return len(data)
+
+    def _set_size(self, node: Inode, size: int) -> None:
+        self.data.truncate(node.ino, node.size, size)
+        node.size = size
+        self.dirty.add(node.ino)
+
+    @fs_op
+    def punch_hole(self, ino: int, off: int, length: int) -> None:
+        """Zero ``[off, off+length)`` and release whole chunks in it; the size stays."""
+        self._writable()
+        node = self._regular(self._inode(ino))
+        if off < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        self.data.punch(node.ino, node.size, off, length)
+        self._touch(node)
+
+    @fs_op
+    def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) modes 0, KEEP_SIZE and PUNCH_HOLE|KEEP_SIZE (space is not reserved)."""
+        self._writable()
+        node = self._inode(ino)
+        if off < 0 or length <= 0:
+            raise FsError(errno.EINVAL)
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            self.punch_hole(ino, off, length)
+        elif mode in (0, FALLOC_FL_KEEP_SIZE):
+            if not stat.S_ISREG(node.mode):
+                raise FsError(errno.ENODEV)
+            if off + length > MAX_FILE_SIZE:
+                raise FsError(errno.EFBIG)
+            if mode == 0 and off + length > node.size:
+                node.size = off + length
+                self._touch(node)
+        else:
+            raise FsError(errno.EOPNOTSUPP)
+
+    @fs_op
+    def copy_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int) -> int:
+        """copy_file_range(2): chunk-aligned whole chunks are shared, not copied.
+
+        Flushes first, then writes the copy with the destination's inode record in
+        one transaction. Copies at most ``COPY_MAX`` bytes; returns the count.
+        """
+        self._writable()
+        src = self._regular(self._handle(fh_in))
+        dst = self._regular(self._handle(fh_out))
+        if off_in < 0 or off_out < 0 or length < 0:
+            raise FsError(errno.EINVAL)
+        length = min(length, src.size - off_in, COPY_MAX)
+        if length <= 0:
+            return 0
+        if src is dst and off_in < off_out + length and off_out < off_in + length:
+            raise FsError(errno.EINVAL, "overlapping ranges in one file")
+        if off_out + length > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        self.flush()
+        rec = self.data.copy(
+            src.ino, src.size, off_in, dst.record(), dst.ino, off_out, length, now_ns()
+        )
+        dst.size, dst.mtime_ns, dst.ctime_ns, dst.alloc = (
+            rec.size,
+            rec.mtime_ns,
+            rec.ctime_ns,
+            rec.alloc,
+        )
+        return length
+
+    # -- flushing ---------------------------------------------------------------------------------
+
+    def has_pending(self) -> bool:
+        """True if anything is buffered (or a failed flush waits for its retry)."""
+        d = self.data
+        return bool(d.live) or bool(self.dirty) or self.sb_dirty or d.inflight is not None
+
+    def begin_flush(self) -> FlushJob | None:
+        """Freeze everything buffered into a job (or hand back a failed job to retry)."""
+        if self.read_only:
+            return None
+        job = self.data.retry()
+        if job is not None:
+            return job
+        if not self.has_pending():
+            return None
+        if self.sb_dirty:
+            sb = Superblock(self.chunk_size, self.next_ino, self.inode_count)
+            self.data.live.kv[SUPERBLOCK_KEY] = sb.pack()
+        records = {ino: self.inodes[ino].record() for ino in self.dirty if ino in self.inodes}
+        self.dirty = set()
+        self.sb_dirty = False
+        return self.data.freeze(records)
+
+    def finish_flush(self, job: FlushJob, deltas: dict[int, int] | None) -> None:
+        """Record a job's outcome: the result of ``job.commit``, or None if it failed."""
+        self.data.finished(job, deltas)
+        if deltas is None:
+            return
+        for ino, delta in deltas.items():
+            node = self.inodes.get(ino)
+            if node is not None and delta:
+                node.alloc = max(node.alloc + delta, 0)
+                if ino not in job.records:
+                    self.dirty.add(ino)
+        self._grow_disk_image()
+        self._evict()
+
+    def run_flush_job(self, job: FlushJob) -> None:
+        """Prepare and commit ``job`` in this thread (the synchronous path)."""
+        try:
+            job.prepare(self.store, self.data.level)
+            deltas = job.commit(self.view)
+        except StoreError as exc:
+            self.finish_flush(job, None)
+            raise translate(exc) from exc
+        except BaseException:
+            self.finish_flush(job, None)
+            raise
+        self.finish_flush(job, deltas)
+
+    @fs_op
+    def flush(self) -> None:
+        """Make every change so far durable: one transaction (two if a retry is due)."""
+        for _ in range(2):
+            job = self.begin_flush()
+            if job is None:
+                return
+            self.run_flush_job(job)
+
+    @fs_op
+    def refresh(self) -> list[int]:
+        """Pick up a new capacity; returns the inodes that changed (a grown disk image)."""
+        if self.read_only:
+            return []
+        self.data.refresh_usage()
+        grown = self._grow_disk_image()
+        return [grown] if grown else []
+
+    def _evict(self) -> None:
+        if len(self.inodes) <= _INODE_CACHE_MAX:
+            return
+        for ino, node in list(self.inodes.items()):
+            if (
+                ino != ROOT_INO
+                and node.lookups <= 0
+                and node.opens <= 0
+                and node.nlink > 0
+                and ino not in self.dirty
+                and ino not in self.data.live.files
+            ):
+                del self.inodes[ino]
+                self.dirs.pop(ino, None)
+                self.xattrs.pop(ino, None)
+
+    # -- prefetching (the async adapter fetches chunks in worker threads) -------------------------
+
+    def chunks_to_fetch(
+        self, fh: int, off: int, size: int, *, for_write: bool
+    ) -> tuple[int, list[int]]:
+        """(ino, indexes of the stored chunks a read or partial write of the range needs)."""
+        h = self.handles.get(fh)
+        node = self.inodes.get(h.ino) if h is not None else None
+        if node is None:
+            return 0, []
+        if for_write and h is not None and h.flags & os.O_APPEND:
+            off = node.size
+        return node.ino, self.data.chunks_to_fetch(node.ino, node.size, off, size, for_write)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    @fs_op
+    def close(self) -> None:
+        """Flush everything; inodes without links are deleted (nobody can reach them now)."""
+        if not self.read_only:
+            for node in list(self.inodes.values()):
+                if node.nlink == 0:
+                    self._destroy(node.ino)
+            self.flush()
+        self.handles.clear()
+        self.dir_handles.clear()
+        self.data.cache.clear()

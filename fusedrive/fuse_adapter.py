@@ -1,0 +1,616 @@
+"""The FUSE daemon: a thin pyfuse3 + trio adapter over ``Filesystem``, and ``serve``.
+
+One process serves one mount (pyfuse3 keeps one session per process). Handlers
+translate arguments, call the synchronous ``Filesystem`` and turn ``FsError`` into
+``pyfuse3.FUSEError``; nothing else leaves a handler (an unexpected exception is
+logged and becomes EIO, so one bug cannot take the mount down).
+
+Work that pays to move off the trio thread goes to worker threads: hashing and
+compressing chunks (``FlushJob.prepare``, split over a small pool since hashlib
+and zstandard release the GIL), the LMDB commit, and fetching + verifying stored
+chunks before a read or a partial write needs them. Everything else runs on the
+trio thread between checkpoints, so ``Filesystem`` needs no locks; at most one
+flush runs at a time (``Flusher.lock``) while handlers keep filling a fresh layer.
+
+Flushes happen on fsync and fsyncdir, when the dirty buffers pass half their bound
+(in the background) or their bound (the writer waits), every ``FLUSH_INTERVAL``
+seconds, on a request from ``control.request_flush``, and on unmount or SIGTERM /
+SIGINT (after the FUSE loop stops, before the mount goes away).
+
+Kernel options: writeback caching is off (every write reaches the daemon before
+write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
+daemon keeps exact); mounts use default_permissions (the kernel checks modes),
+nosuid, nodev, allow_other unless asked otherwise, and ro for read-only mounts.
+libfuse 3.14 asks the kernel for 1 MiB writes by default (its buffer is
+FUSE_MAX_MAX_PAGES = 256 pages), and it accepts no max_write option on
+``fuse_session_new``; the test suite checks that 1 MiB writes arrive whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from blockstore import Busy, InvalidArgument, StoreError
+from blockstore import Store as _Store
+
+from .control import FLUSH_XATTR_BYTES
+from .errors import FlushNeeded, FsError, translate
+from .filedata import FlushJob
+from .filesystem import Filesystem, StatFs
+from .namespace import Attributes, Ctx
+from .schema import ROOT_INO
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+FLUSH_INTERVAL = 3.0
+PREPARE_THREADS = 2
+_SPACE_ATTEMPTS = 8
+
+
+@contextlib.contextmanager
+def _fuse_errors(op: str) -> Iterator[None]:
+    try:
+        yield
+    except FsError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from None
+    except StoreError as exc:
+        raise pyfuse3.FUSEError(translate(exc).errno) from None
+    except pyfuse3.FUSEError:
+        raise
+    except Exception:
+        log.exception("event=handler_failed op=%s", op)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _entry(a: Attributes) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.generation = 0
+    e.entry_timeout = ATTR_TIMEOUT
+    e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = a.rdev
+    e.st_size = a.size
+    e.st_blksize = a.blksize
+    e.st_blocks = a.blocks
+    e.st_atime_ns = a.atime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_ctime_ns = a.ctime_ns
+    return e
+
+
+def _invalidate_attrs(ino: int) -> None:
+    """Make the kernel forget cached attributes the daemon changed on its own."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError as exc:
+        log.warning("event=invalidate_failed ino=%d error=%s", ino, exc)
+
+
+def _statvfs(s: StatFs) -> pyfuse3.StatvfsData:
+    d = pyfuse3.StatvfsData()
+    d.f_bsize, d.f_frsize = s.bsize, s.frsize
+    d.f_blocks, d.f_bfree, d.f_bavail = s.blocks, s.bfree, s.bavail
+    d.f_files, d.f_ffree, d.f_favail = s.files, s.ffree, s.favail
+    d.f_namemax = s.namemax
+    return d
+
+
+class Flusher:
+    """Runs flushes one at a time, with hashing, compression and commit in threads."""
+
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.lock = trio.Lock()
+        self.nursery: trio.Nursery | None = None
+        self._background = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            PREPARE_THREADS, thread_name_prefix="fusedrive-prepare"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _prepare(self, job: FlushJob) -> None:
+        fs = self.fs
+        parts = [
+            self._pool.submit(job.prepare, fs.store, fs.data.level, part, PREPARE_THREADS)
+            for part in range(PREPARE_THREADS)
+        ]
+        for f in parts:
+            f.result()
+
+    async def flush(self) -> None:
+        """Commit everything buffered before the call (FsError if the commit fails)."""
+        async with self.lock:
+            for _ in range(2):  # a failed job first, if any, then the live layer
+                job = self.fs.begin_flush()
+                if job is None:
+                    return
+                try:
+                    t0 = trio.current_time()
+                    if job.chunks:
+                        await trio.to_thread.run_sync(self._prepare, job)
+                    t1 = trio.current_time()
+                    deltas = await trio.to_thread.run_sync(job.commit, self.fs.view)
+                    log.debug(
+                        "event=flushed bytes=%d chunks=%d prepare_ms=%.1f commit_ms=%.1f",
+                        job.dirty_bytes,
+                        len(job.chunks),
+                        (t1 - t0) * 1000,
+                        (trio.current_time() - t1) * 1000,
+                    )
+                except StoreError as exc:
+                    self.fs.finish_flush(job, None)
+                    raise translate(exc) from exc
+                except BaseException:
+                    self.fs.finish_flush(job, None)
+                    raise
+                self.fs.finish_flush(job, deltas)
+
+    async def wait_idle(self) -> None:
+        """Wait for the flush in flight, if any, to finish."""
+        async with self.lock:
+            pass
+
+    async def make_room(self, space: bool) -> None:
+        """Free dirty buffers for a writer: a full flush only if space is in doubt.
+
+        While a flush is committing, the writer only waits for it: the next one
+        starts in the background, so commits and new writes overlap.
+        """
+        if not space and self.lock.locked():
+            await self.wait_idle()
+        else:
+            await self.flush()
+
+    async def flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except FsError as exc:
+            log.error("event=flush_failed error=%s", exc)
+
+    def after_write(self) -> None:
+        """Start a background flush once the dirty buffers pass half their bound."""
+        data = self.fs.data
+        if (
+            self.nursery is not None
+            and not self._background
+            and not self.lock.locked()
+            and data.live.dirty_bytes >= data.dirty_limit // 2
+        ):
+            self._background = True
+            self.nursery.start_soon(self._background_flush)
+
+    async def _background_flush(self) -> None:
+        try:
+            await self.flush_logged()
+        finally:
+            self._background = False
+
+    async def run_timer(self) -> None:
+        while True:
+            await trio.sleep(FLUSH_INTERVAL)
+            if self.fs.has_pending() and not self.lock.locked():
+                await self.flush_logged()
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers over one ``Filesystem``."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.flusher = Flusher(fs)
+        self.largest_write = 0  # observed request size, reported at unmount
+
+    # -- names ---------------------------------------------------------------------------------
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("lookup"):
+            return _entry(self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            try:
+                self.fs.forget(ino, n)
+            except Exception:
+                log.exception("event=forget_failed ino=%d", ino)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("getattr"):
+            return _entry(self.fs.getattr(inode))
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("setattr"):
+            a = self.fs.setattr(
+                inode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                size=attr.st_size if fields.update_size else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+            )
+            return _entry(a)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        with _fuse_errors("readlink"):
+            return self.fs.readlink(inode)
+
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("mknod"):
+            return _entry(self.fs.mknod(parent_inode, name, mode, rdev, Ctx(ctx.uid, ctx.gid)))
+
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("mkdir"):
+            return _entry(self.fs.mkdir(parent_inode, name, mode, Ctx(ctx.uid, ctx.gid)))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _fuse_errors("unlink"):
+            self.fs.unlink(parent_inode, name)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _fuse_errors("rmdir"):
+            self.fs.rmdir(parent_inode, name)
+
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("symlink"):
+            return _entry(self.fs.symlink(parent_inode, name, target, Ctx(ctx.uid, ctx.gid)))
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        with _fuse_errors("rename"):
+            self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _fuse_errors("link"):
+            return _entry(self.fs.link(inode, new_parent_inode, new_name))
+
+    # -- files ---------------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        with _fuse_errors("open"):
+            # keep_cache: this process is the only writer, so the page cache stays valid.
+            return pyfuse3.FileInfo(fh=self.fs.open(inode, flags), keep_cache=True)
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        with _fuse_errors("create"):
+            fh, a = self.fs.create(parent_inode, name, mode, flags, Ctx(ctx.uid, ctx.gid))
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(a)
+
+    async def _prefetch(self, fh: int, off: int, size: int, for_write: bool) -> None:
+        """Fetch and verify the stored chunks a request needs in a worker thread."""
+        ino, indexes = self.fs.chunks_to_fetch(fh, off, size, for_write=for_write)
+        if indexes:
+            data = self.fs.data
+            epoch = data.epoch
+            chunks = await trio.to_thread.run_sync(data.fetch, ino, indexes)
+            data.fill_cache(ino, chunks, epoch)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        with _fuse_errors("read"):
+            await self._prefetch(fh, off, size, False)
+            return self.fs.read(fh, off, size)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        with _fuse_errors("write"):
+            self.largest_write = max(self.largest_write, len(buf))
+            await self._prefetch(fh, off, len(buf), True)
+            space_tries = 0
+            while True:
+                try:
+                    n = self.fs.try_write(fh, off, buf)
+                    break
+                except FlushNeeded as exc:
+                    # Waiting for buffers always ends; doubt about space ends with a
+                    # verdict once a flush finds nothing else pending, or after a
+                    # few tries while other writers keep adding to the buffers.
+                    if exc.space:
+                        space_tries += 1
+                        if space_tries > _SPACE_ATTEMPTS:
+                            raise FsError(errno.ENOSPC) from None
+                    await self.flusher.make_room(exc.space)
+            self.flusher.after_write()
+            return n
+
+    async def flush(self, fh: int) -> None:
+        return None  # close(2) does not flush: fsync does
+
+    async def release(self, fh: int) -> None:
+        with _fuse_errors("release"):
+            self.fs.release(fh)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        with _fuse_errors("fsync"):
+            await self.flusher.flush()
+
+    # -- directories ---------------------------------------------------------------------------
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        with _fuse_errors("opendir"):
+            return self.fs.opendir(inode)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with _fuse_errors("readdir"):
+            for name, attrs, cookie in self.fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, name, _entry(attrs), cookie):
+                    break
+                self.fs.remember(attrs.ino)
+
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        with _fuse_errors("fsyncdir"):
+            await self.flusher.flush()
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        with _fuse_errors("statfs"):
+            return _statvfs(self.fs.statfs())
+
+    # -- xattrs --------------------------------------------------------------------------------
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        with _fuse_errors("setxattr"):
+            if inode == ROOT_INO and name == FLUSH_XATTR_BYTES:
+                await self.flusher.flush()
+                for ino in self.fs.refresh():
+                    await trio.to_thread.run_sync(_invalidate_attrs, ino)
+                log.info("event=flush_request_served")
+                return
+            self.fs.setxattr(inode, name, value)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        with _fuse_errors("getxattr"):
+            return self.fs.getxattr(inode, name)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        with _fuse_errors("listxattr"):
+            return self.fs.listxattr(inode)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        with _fuse_errors("removexattr"):
+            self.fs.removexattr(inode, name)
+
+
+# -- serving -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _writer_lock(store_path: Path, volume: str) -> Iterator[None]:
+    """One read-write mount per volume: a second one would corrupt the tree.
+
+    An flock on ``STORE/locks/VOLUME.lock``; the kernel drops it when the daemon
+    dies, however it dies.
+    """
+    locks = Path(store_path) / "locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(locks / f"{volume}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(
+                f"volume {volume!r} is already mounted read-write by another process"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def mount_options(name: str, *, read_only: bool, allow_other: bool, debug: bool) -> set[str]:
+    opts = {f"fsname=fusedrive:{name}", "subtype=fusedrive", "default_permissions"}
+    opts |= {"nosuid", "nodev"}
+    if allow_other:
+        opts.add("allow_other")
+    if read_only:
+        opts.add("ro")
+    if debug:
+        opts.add("debug")
+    return opts
+
+
+async def _serve_loop(ops: Operations, on_ready: Callable[[], None] | None) -> None:
+    async def main_then_stop(nursery: trio.Nursery) -> None:
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+    async def stop_on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("event=signal signal=%s", signal.Signals(signum).name)
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        ops.flusher.nursery = nursery
+        nursery.start_soon(main_then_stop, nursery)
+        if threading.current_thread() is threading.main_thread():
+            nursery.start_soon(stop_on_signal)
+        if not ops.fs.read_only:
+            nursery.start_soon(ops.flusher.run_timer)
+        await trio.lowlevel.checkpoint()
+        if on_ready is not None:
+            on_ready()
+
+
+def serve(
+    store_path: Path,
+    mountpoint: Path,
+    *,
+    volume: str | None = None,
+    snapshot: str | None = None,
+    read_only: bool = False,
+    allow_other: bool = True,
+    on_ready: Callable[[], None] | None = None,
+    debug: bool = False,
+) -> None:
+    """Mount a volume (or, read-only, a snapshot) and serve it until it is unmounted.
+
+    Store problems (no store, no such volume or snapshot, bad parameters) raise the
+    blockstore exception before anything is mounted; a second read-write mount of
+    the same volume raises ``Busy``; filesystem problems raise ``FsError``, an
+    ``OSError``. ``on_ready`` is called once the mount is live, in the daemon's
+    event loop thread: it must not touch the mount itself. Serving ends when the
+    mount is unmounted (fusermount3 -u, umount) or on SIGTERM / SIGINT (then the
+    daemon unmounts itself); either way every buffered write is flushed first and
+    the store is closed on return.
+    """
+    if (volume is None) == (snapshot is None):
+        raise InvalidArgument("give exactly one of a volume or a snapshot to mount")
+    mountpoint = Path(mountpoint)
+    if not mountpoint.is_dir():
+        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
+    store = _Store(store_path, create=False)
+    try:
+        if snapshot is not None:
+            view, name, read_only = store.snapshot(snapshot), snapshot, True
+        else:
+            assert volume is not None
+            store.get_volume(volume)
+            view, name = store.volume(volume), volume
+        lock = contextlib.nullcontext() if read_only else _writer_lock(Path(store_path), name)
+        with lock:
+            fs = Filesystem(view, read_only=read_only)
+            _serve_fs(fs, mountpoint, name, read_only, allow_other, on_ready, debug)
+    finally:
+        store.close()
+
+
+def _serve_fs(
+    fs: Filesystem,
+    mountpoint: Path,
+    name: str,
+    read_only: bool,
+    allow_other: bool,
+    on_ready: Callable[[], None] | None,
+    debug: bool,
+) -> None:
+    ops = Operations(fs)
+    opts = mount_options(name, read_only=read_only, allow_other=allow_other, debug=debug)
+    try:
+        pyfuse3.init(ops, str(mountpoint), opts)
+    except RuntimeError as exc:
+        try:
+            fs.close()
+        finally:
+            ops.flusher.close()
+        raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from exc
+    log.info("event=mounted name=%s mountpoint=%s read_only=%s", name, mountpoint, read_only)
+    main_thread = threading.current_thread() is threading.main_thread()
+    try:
+        trio.run(_serve_loop, ops, on_ready)
+    finally:
+        # A second SIGTERM must not cut the final flush short.
+        saved = (
+            [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGINT)]
+            if (main_thread)
+            else []
+        )
+        try:
+            fs.close()
+        finally:
+            ops.flusher.close()
+            pyfuse3.close(unmount=True)
+            for s, handler in zip((signal.SIGTERM, signal.SIGINT), saved, strict=False):
+                signal.signal(s, handler)
+            log.info(
+                "event=unmounted name=%s mountpoint=%s largest_write=%d",
+                name,
+                mountpoint,
+                ops.largest_write,
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fusedrive.fuse_adapter``: serve one mount in the foreground (tests, debugging).
+
+    The command line (``fusedrive mount``) is the user-facing way to mount.
+    """
+    p = argparse.ArgumentParser(prog="python -m fusedrive.fuse_adapter", description=main.__doc__)
+    p.add_argument("store", type=Path)
+    p.add_argument("mountpoint", type=Path)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--volume")
+    which.add_argument("--snapshot")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--no-allow-other", action="store_true")
+    p.add_argument("--ready-fd", type=int, help="write one byte to this fd once the mount is live")
+    p.add_argument("--debug", action="store_true", help="libfuse's request trace, and debug logs")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else getattr(logging, args.log_level),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"R")
+            os.close(args.ready_fd)
+
+    try:
+        serve(
+            args.store,
+            args.mountpoint,
+            volume=args.volume,
+            snapshot=args.snapshot,
+            read_only=args.read_only,
+            allow_other=not args.no_allow_other,
+            on_ready=ready,
+            debug=args.debug,
+        )
+    except (StoreError, OSError) as exc:
+        print(f"fusedrive: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
