@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml scripts/install-system-deps
 setup: $(STAMP)
 
 demo: setup
+	$(PY) -m csi_frontend.demo
+
+demo-store: setup
 	$(PY) -m blockstore.demo
 
 lint: setup

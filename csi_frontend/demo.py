@@ -348,7 +348,8 @@ def main() -> int:
     table.add_column("result")
     table.add_column("time", justify="right")
     for i, s in enumerate(steps, 1):
-        table.add_row(str(i), s.name, s.result[:60], f"{s.seconds * 1000:.0f} ms")
+        result = s.result.replace(str(root), "…")
+        table.add_row(str(i), s.name, result[:60], f"{s.seconds * 1000:.0f} ms")
     console.print(table)
     console.print("nothing left mounted or attached")
     return 0
