@@ -11,10 +11,11 @@ Checks, from the entries up:
 - each volume's logical usage equals the chunk bytes its head sees;
 - the space counters in ``meta`` equal the sums over the chunks.
 
-``repair=True`` fixes what can be fixed without inventing data: reference counts,
-orphaned chunks and index rows, holder counts, the release queue, usage and
-counters. Dangling references and corrupt chunks are reported, not removed: a
-read of them fails with an I/O error rather than returning wrong bytes.
+``repair=True`` fixes what can be fixed without inventing data: reference counts
+(a lost record is rebuilt from the chunk it describes), orphaned chunks and index
+rows, holder counts, the release queue, usage and counters. Dangling references
+and corrupt chunks are reported, not removed: a read of them fails with an I/O
+error rather than returning wrong bytes.
 """
 
 from __future__ import annotations
@@ -183,14 +184,33 @@ def _check(
         for digest in to_delete:
             txn.delete(digest, db=dbs.chunkrefs)
             txn.delete(digest, db=dbs.chunks)
+    for digest, stored in list(txn.cursor(db=dbs.chunks)):
+        digest, stored = bytes(digest), bytes(stored)
+        if digest in seen:
+            continue
+        want = refs.get(digest, 0)
+        if not want:
+            problem(f"chunk {digest.hex()[:16]} has no reference record")
+            if repair:
+                txn.delete(digest, db=dbs.chunks)
+            continue
+        # Referenced bytes without a record: rebuild the record, never drop the data.
+        try:
+            raw_len = len(ch.decode(digest, stored))
+        except Corrupt as exc:
+            rep.unfixable.append(str(exc))
+            continue
+        seen.add(digest)
+        problem(f"chunk {digest.hex()[:16]} has no reference record ({want} references)")
+        if repair:
+            txn.put(digest, ch.pack_refs(want, raw_len, len(stored)), db=dbs.chunkrefs)
+        totals["chunk_count"] += 1
+        totals["unique_raw_bytes"] += raw_len
+        totals["stored_bytes"] += len(stored)
+        totals["referenced_raw_bytes"] += raw_len * want
     for digest in refs:
         if digest not in seen:
             rep.unfixable.append(f"{refs[digest]} references to missing chunk {digest.hex()[:16]}")
-    for digest in txn.cursor(db=dbs.chunks).iternext(values=False):
-        if bytes(digest) not in seen:
-            problem(f"chunk {bytes(digest).hex()[:16]} has no reference record")
-            if repair:
-                txn.delete(digest, db=dbs.chunks)
 
     # Layer holders and the release queue.
     holders: Counter[int] = Counter()

@@ -577,10 +577,14 @@ class Store:
 
     def gc_step(self, budget: float = 0.005, batch: int = 128) -> bool:
         """Release garbage layers for about ``budget`` seconds; True if work remains."""
-        deadline = time.monotonic() + budget
+        if batch < 1:
+            raise InvalidArgument(f"gc batch must be at least 1, not {batch}")
         with self._write() as t:
+            # The clock starts once the write lock is held and every call releases at
+            # least one batch: time spent waiting for the lock must not stall release.
+            deadline = time.monotonic() + budget
             txn, dbs = t.txn, self.dbs
-            while time.monotonic() < deadline:
+            while True:
                 first = txn.cursor(db=dbs.gcqueue)
                 if not first.first():
                     return False
@@ -598,6 +602,8 @@ class Store:
                     if rec.parent:
                         t.add_holders(rec.parent, -1)
                     log.debug("event=layer_released layer=%d", layer)
+                if time.monotonic() >= deadline:
+                    break
             cur = txn.cursor(db=dbs.gcqueue)
             return bool(cur.first())
 

@@ -49,9 +49,12 @@ class View:
         dbs = self.store.dbs
         if self._snapshot_layer is not None:
             raw = txn.get(self._key, db=dbs.snapshots)
-            if raw is None:
+            snap = None if raw is None else SnapshotInfo.from_json(raw)
+            # A snapshot deleted and re-cut under the same name is another snapshot:
+            # this view's layer may already be released, so it must not be read.
+            if snap is None or snap.layer != self._snapshot_layer:
                 raise NotFound(f"snapshot {self.name!r} not found")
-            layer, used = self._snapshot_layer, SnapshotInfo.from_json(raw).size
+            layer, used = snap.layer, snap.size
         else:
             state = txn.get(self._key, db=dbs.vstate)
             if state is None:
@@ -95,6 +98,8 @@ class View:
         """(logical bytes used, capacity)."""
         if self._snapshot_layer is not None:
             snap = self.store.get_snapshot(self.name)
+            if snap.layer != self._snapshot_layer:
+                raise NotFound(f"snapshot {self.name!r} not found")
             return snap.size, snap.capacity
         info = self.store.get_volume(self.name)
         return info.used, info.capacity

@@ -1,0 +1,581 @@
+"""Chunks and the chunk paths: codecs, hashes, holes, size limits, release, fsck.
+
+Unit tests of ``blockstore/chunks.py`` and of what the store does with chunks:
+incompressible data is stored raw, compressible data with the store's zstd
+level, every read is verified against the hash (a damaged record raises
+``Corrupt``, never returns wrong bytes), all-zero data is a hole, and oversized
+chunks are refused. Release of a large dead layer proceeds in bounded steps, and
+``fsck`` finds and repairs what can be repaired while only reporting what
+cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from blockstore import (
+    HOLE,
+    MAX_CHUNK_SIZE,
+    ChunkRef,
+    Corrupt,
+    InvalidArgument,
+    NotFound,
+    Store,
+    fsck,
+)
+from blockstore import chunks as ch
+from blockstore import layers as ly
+
+log = logging.getLogger(__name__)
+
+TEXT = b"".join(b"line %d: the quick brown fox jumps over the lazy dog\n" % i for i in range(800))
+
+
+@pytest.fixture
+def store(store_dir: Path) -> Iterator[Store]:
+    s = Store(store_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def raw_record(store: Store, digest: bytes) -> bytes:
+    with store.env.begin() as txn:
+        value = txn.get(digest, db=store.dbs.chunks)
+    assert value is not None
+    return bytes(value)
+
+
+def write_behind(store: Store, db: object, key: bytes, value: bytes | None) -> None:
+    """Change one record behind the store's back, as damage or a bug would."""
+    with store.env.begin(write=True) as txn:
+        if value is None:
+            assert txn.delete(key, db=db)
+        else:
+            txn.put(key, value, db=db)
+
+
+def empty(store: Store) -> bool:
+    st = store.stats()
+    return (st.chunk_count, st.entries, st.layers, st.stored_bytes, st.gc_pending_layers) == (
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+
+
+def delete_everything(store: Store) -> None:
+    for snap in store.list_snapshots():
+        store.delete_snapshot(snap.name)
+    for vol in store.list_volumes():
+        store.delete_volume(vol.name)
+    store.gc()
+
+
+# -- prepare / decode -------------------------------------------------------
+
+
+def test_incompressible_data_is_stored_raw(store: Store) -> None:
+    data = os.urandom(65536)
+    prep = ch.prepare(data)
+    assert (prep.codec, prep.payload, prep.raw_length) == (ch.CODEC_RAW, data, len(data))
+    assert prep.digest == ch.digest_of(data)
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put_chunk(b"k", data)
+    assert raw_record(store, prep.digest) == bytes((ch.CODEC_RAW,)) + data
+    assert store.stats().stored_bytes == len(data) + 1
+    assert v.read_chunk(b"k") == data
+
+
+def test_text_is_compressed(store: Store) -> None:
+    prep = store.prepare_chunk(TEXT)
+    assert prep.codec == ch.CODEC_ZSTD
+    assert len(prep.payload) < len(TEXT) // 4
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put_chunk(b"k", prep)
+    st = store.stats()
+    assert st.unique_raw_bytes == len(TEXT)
+    assert st.stored_bytes == len(prep.payload) + 1
+    assert st.compression_ratio > 4
+    assert v.read_chunk(b"k") == TEXT
+    assert ch.decode(prep.digest, raw_record(store, prep.digest), len(TEXT)) == TEXT
+
+
+def test_compression_that_saves_too_little_is_dropped() -> None:
+    # 4 KiB of random bytes plus a short compressible tail: zstd saves a few bytes,
+    # less than the 1/32 the codec demands.
+    data = os.urandom(4096) + b"a" * 64
+    prep = ch.prepare(data)
+    assert prep.codec == ch.CODEC_RAW
+
+
+def test_compression_level_comes_from_the_store(store_dir: Path) -> None:
+    with Store(store_dir, compression_level=0) as s:
+        assert s.compression_level == 0
+        assert s.prepare_chunk(TEXT).codec == ch.CODEC_RAW
+        # An explicit level overrides the store's.
+        assert s.prepare_chunk(TEXT, level=1).codec == ch.CODEC_ZSTD
+        s.create_volume("v", 1 << 20)
+        s.volume("v").put_chunk(b"raw", TEXT)
+    # Reopening without a level keeps the stored one.
+    with Store(store_dir) as s:
+        assert s.compression_level == 0
+    with Store(store_dir, compression_level=19) as s:
+        assert s.compression_level == 19
+        prep = s.prepare_chunk(TEXT + b"!")
+        assert prep.payload == zstandard.ZstdCompressor(level=19).compress(TEXT + b"!")
+        s.volume("v").put_chunk(b"z19", prep)
+    with Store(store_dir) as s:
+        assert s.compression_level == 19
+        # Chunks written at either level read back alike.
+        v = s.volume("v")
+        assert v.read_chunk(b"raw") == TEXT
+        assert v.read_chunk(b"z19") == TEXT + b"!"
+        assert fsck(s).clean
+
+
+def test_same_data_at_two_levels_is_one_chunk(store_dir: Path) -> None:
+    """Dedup is on the raw bytes: the stored codec of the first writer wins."""
+    with Store(store_dir, compression_level=0) as s:
+        s.create_volume("v", 1 << 20)
+        s.volume("v").put_chunk(b"a", TEXT)
+    with Store(store_dir, compression_level=3) as s:
+        v = s.volume("v")
+        v.put_chunk(b"b", TEXT)
+        st = s.stats()
+        assert (st.chunk_count, st.referenced_raw_bytes) == (1, 2 * len(TEXT))
+        assert st.stored_bytes == len(TEXT) + 1
+        assert v.read_chunk(b"a") == v.read_chunk(b"b") == TEXT
+
+
+# -- verification on read ----------------------------------------------------
+
+
+def _damage_flip_last(stored: bytes, other: bytes) -> bytes:
+    return stored[:-1] + bytes((stored[-1] ^ 0x01,))
+
+
+def _damage_flip_first_payload(stored: bytes, other: bytes) -> bytes:
+    return stored[:1] + bytes((stored[1] ^ 0x80,)) + stored[2:]
+
+
+def _damage_truncate(stored: bytes, other: bytes) -> bytes:
+    return stored[: len(stored) // 2]
+
+
+def _damage_empty(stored: bytes, other: bytes) -> bytes:
+    return b""
+
+
+def _damage_unknown_codec(stored: bytes, other: bytes) -> bytes:
+    return b"\x07" + stored[1:]
+
+
+def _damage_swap(stored: bytes, other: bytes) -> bytes:
+    # A well-formed record of other data: decodes fine, hash must catch it.
+    return other
+
+
+def _damage_other_codec(stored: bytes, other: bytes) -> bytes:
+    return bytes((ch.CODEC_ZSTD if stored[0] == ch.CODEC_RAW else ch.CODEC_RAW,)) + stored[1:]
+
+
+DAMAGES = [
+    _damage_flip_last,
+    _damage_flip_first_payload,
+    _damage_truncate,
+    _damage_empty,
+    _damage_unknown_codec,
+    _damage_swap,
+    _damage_other_codec,
+]
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda f: f.__name__[8:])
+def test_damaged_chunk_reads_raise_corrupt(
+    store: Store, compressible: bool, damage: object
+) -> None:
+    assert callable(damage)
+    data = TEXT if compressible else os.urandom(8192)
+    other = TEXT[::-1] if compressible else os.urandom(8192)
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    v.put_chunk(b"k", data)
+    v.put_chunk(b"other", other)
+    ref = v.get(b"k")
+    assert isinstance(ref, ChunkRef)
+    other_ref = v.get(b"other")
+    assert isinstance(other_ref, ChunkRef)
+    stored = raw_record(store, ref.digest)
+    assert stored[0] == (ch.CODEC_ZSTD if compressible else ch.CODEC_RAW)
+    write_behind(
+        store, store.dbs.chunks, ref.digest, damage(stored, raw_record(store, other_ref.digest))
+    )
+    with pytest.raises(Corrupt):
+        v.read_chunk(b"k")
+    with pytest.raises(Corrupt):
+        store.read_chunk(ref)
+    assert v.read_chunk(b"other") == other
+    report = fsck(store, repair=True)
+    assert report.unfixable, "a corrupt chunk is reported"
+    # ... and not repaired away: the reference and the failing read stay.
+    assert v.get(b"k") == ref
+    with pytest.raises(Corrupt):
+        v.read_chunk(b"k")
+
+
+def test_decode_checks_length_and_output_bound() -> None:
+    data = b"abc" * 1000
+    prep = ch.prepare(data)
+    stored = bytes((prep.codec,)) + prep.payload
+    assert ch.decode(prep.digest, stored, len(data)) == data
+    with pytest.raises(Corrupt):
+        ch.decode(prep.digest, stored, len(data) + 1)
+    # A record that decompresses past MAX_CHUNK_SIZE is refused, not expanded.
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(MAX_CHUNK_SIZE + 1))
+    with pytest.raises(Corrupt):
+        ch.decode(ch.digest_of(b"x"), bytes((ch.CODEC_ZSTD,)) + bomb)
+
+
+def test_bad_reference_record_is_corrupt() -> None:
+    with pytest.raises(Corrupt):
+        ch.unpack_refs(b"\x00" * 5)
+    assert ch.unpack_refs(ch.pack_refs(3, 10, 7)) == (3, 10, 7)
+
+
+# -- holes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 65536])
+def test_all_zero_data_is_a_hole(size: int) -> None:
+    assert ch.is_zero(bytes(size))
+    assert ch.prepare(bytes(size)) is HOLE
+    assert ch.prepare(memoryview(bytearray(size))).is_hole
+
+
+@pytest.mark.parametrize("where", [0, 1, 2047, 4095])
+def test_one_nonzero_byte_is_not_a_hole(where: int) -> None:
+    data = bytearray(4096)
+    data[where] = 1
+    assert not ch.is_zero(data)
+    prep = ch.prepare(bytes(data))
+    assert not prep.is_hole and prep.raw_length == 4096
+    assert ch.decode(prep.digest, bytes((prep.codec,)) + prep.payload) == bytes(data)
+
+
+def test_writing_a_hole_deletes_and_hides(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    data = os.urandom(4096)
+    v.put_chunk(b"own", data)
+    v.put_chunk(b"inherited", data[::-1])
+    store.create_snapshot("v", "s")
+    v.put_chunk(b"own2", data + b"2")
+    assert store.get_volume("v").used == 3 * 4096 + 1
+    v.put_chunk(b"own2", bytes(4097))  # a chunk of the head layer: removed outright
+    v.put_chunk(b"inherited", bytes(4096))  # visible from the snapshot: hidden
+    v.put_chunk(b"never", bytes(100))  # nothing to delete
+    assert v.get(b"own2") is None and v.get(b"inherited") is None and v.get(b"never") is None
+    assert [k for k, _ in v.scan()] == [b"own"]
+    assert store.get_volume("v").used == 4096
+    assert store.snapshot("s").read_chunk(b"inherited") == data[::-1]
+    assert store.stats().chunk_count == 2
+    assert fsck(store).clean
+
+
+# -- size limit ---------------------------------------------------------------
+
+
+def test_max_chunk_size_is_enforced(store: Store) -> None:
+    store.create_volume("v", 16 << 20)
+    v = store.volume("v")
+    with pytest.raises(InvalidArgument):
+        ch.prepare(b"x" * (MAX_CHUNK_SIZE + 1))
+    with pytest.raises(InvalidArgument):
+        store.prepare_chunk(bytes(MAX_CHUNK_SIZE + 1))  # even when all zero
+    with pytest.raises(InvalidArgument):
+        v.put_chunk(b"big", os.urandom(MAX_CHUNK_SIZE + 1))
+    assert v.get(b"big") is None and store.get_volume("v").used == 0
+    data = os.urandom(MAX_CHUNK_SIZE)
+    v.put_chunk(b"max", data)
+    assert v.read_chunk(b"max") == data
+    assert store.get_volume("v").used == MAX_CHUNK_SIZE
+    assert fsck(store).clean
+
+
+# -- bounded release ----------------------------------------------------------
+
+
+def test_gc_step_releases_a_big_layer_in_bounded_steps(store: Store) -> None:
+    n, batch = 300, 16
+    store.create_volume("big", 1 << 30)
+    v = store.volume("big")
+    with v.batch() as b:
+        for i in range(n):
+            b.put_chunk(b"c%05d" % i, store.prepare_chunk(b"%d" % i * 50))
+            b.put(b"m%05d" % i, b"meta")
+    store.delete_volume("big")
+    assert store.gc_pending() == 1
+    entries = store.stats().entries
+    assert entries == 2 * n
+    steps = 0
+    while True:
+        more = store.gc_step(budget=0, batch=batch)
+        steps += 1
+        now = store.stats().entries
+        # Each step makes progress and removes at most one batch of entries.
+        assert entries - batch <= now < entries or (now == entries == 0)
+        entries = now
+        assert fsck(store).clean
+        if not more:
+            break
+        assert steps < 10 * n, "gc_step makes no progress"
+    assert steps >= 2 * n // batch
+    assert empty(store)
+    assert store.gc_step() is False
+
+
+def test_gc_step_releases_a_chain_of_layers(store: Store) -> None:
+    """Releasing a head frees its parent in turn, down the whole chain."""
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    for i in range(5):
+        v.put_chunk(b"k%d" % i, os.urandom(1000))
+        store.create_snapshot("v", f"s{i}")
+        store.delete_snapshot(f"s{i}")
+    assert store.stats().layers == 6
+    store.delete_volume("v")
+    calls = 0
+    while store.gc_step(budget=0, batch=4):
+        calls += 1
+        assert calls < 100
+    assert empty(store)
+
+
+def test_gc_keeps_what_a_snapshot_still_sees(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    kept = os.urandom(2000)
+    v.put_chunk(b"kept", kept)
+    store.create_snapshot("v", "s")
+    v.put_chunk(b"gone", os.urandom(2000))
+    v.put_chunk(b"kept", os.urandom(2000))  # the head's own version, released with it
+    store.delete_volume("v")
+    store.gc()
+    assert store.snapshot("s").read_chunk(b"kept") == kept
+    st = store.stats()
+    assert (st.chunk_count, st.layers) == (1, 1)
+    assert fsck(store).clean
+    store.delete_snapshot("s")
+    store.gc()
+    assert empty(store)
+
+
+# -- fsck ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def populated(store: Store) -> Store:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    shared = os.urandom(3000)
+    v.put_chunk(b"a", shared)
+    v.put_chunk(b"b", shared)
+    v.put_chunk(b"c", TEXT)
+    v.put(b"meta", b"x")
+    store.create_snapshot("v", "s")
+    v.put_chunk(b"d", os.urandom(500))
+    store.clone_snapshot("s", "clone")
+    assert fsck(store).clean
+    return store
+
+
+def _digest(store: Store, volume: str, key: bytes) -> bytes:
+    ref = store.volume(volume).get(key)
+    assert isinstance(ref, ChunkRef)
+    return ref.digest
+
+
+def _repairs_to_clean(store: Store, needle: str) -> None:
+    """fsck finds ``needle``, repair fixes it, and the store then empties cleanly."""
+    report = fsck(store)
+    assert not report.clean
+    assert any(needle in p for p in report.problems), report.problems
+    assert not report.unfixable
+    repaired = fsck(store, repair=True)
+    assert repaired.repaired >= 1
+    assert fsck(store).clean
+    delete_everything(store)
+    assert empty(store)
+    assert fsck(store).clean
+
+
+def test_fsck_repairs_a_wrong_refcount(populated: Store) -> None:
+    digest = _digest(populated, "v", b"a")
+    with populated.env.begin() as txn:
+        count, raw, stored = ch.unpack_refs(txn.get(digest, db=populated.dbs.chunkrefs))
+    assert count == 2
+    write_behind(populated, populated.dbs.chunkrefs, digest, ch.pack_refs(7, raw, stored))
+    _repairs_to_clean(populated, "has count 7, referenced 2 times")
+
+
+def test_fsck_repairs_a_too_low_refcount_before_data_is_lost(populated: Store) -> None:
+    digest = _digest(populated, "v", b"a")
+    with populated.env.begin() as txn:
+        _, raw, stored = ch.unpack_refs(txn.get(digest, db=populated.dbs.chunkrefs))
+    write_behind(populated, populated.dbs.chunkrefs, digest, ch.pack_refs(1, raw, stored))
+    fsck(populated, repair=True)
+    # With the count repaired, dropping one reference must not free the chunk.
+    populated.volume("v").delete(b"a")
+    assert populated.volume("v").read_chunk(b"b") is not None
+    assert fsck(populated).clean
+
+
+def test_fsck_removes_an_orphaned_chunk(populated: Store) -> None:
+    before = populated.stats()
+    prep = ch.prepare(b"nobody points here" * 10)
+    write_behind(populated, populated.dbs.chunks, prep.digest, bytes((prep.codec,)) + prep.payload)
+    write_behind(
+        populated,
+        populated.dbs.chunkrefs,
+        prep.digest,
+        ch.pack_refs(1, prep.raw_length, len(prep.payload) + 1),
+    )
+    report = fsck(populated)
+    assert any("orphaned chunk" in p for p in report.problems), report.problems
+    fsck(populated, repair=True)
+    with populated.env.begin() as txn:
+        assert txn.get(prep.digest, db=populated.dbs.chunks) is None
+        assert txn.get(prep.digest, db=populated.dbs.chunkrefs) is None
+    after = populated.stats()
+    assert (after.chunk_count, after.stored_bytes) == (before.chunk_count, before.stored_bytes)
+    _empties_cleanly(populated)
+
+
+def _empties_cleanly(store: Store) -> None:
+    assert fsck(store).clean
+    delete_everything(store)
+    assert empty(store)
+
+
+def test_fsck_removes_chunk_bytes_without_record_or_reference(populated: Store) -> None:
+    prep = ch.prepare(os.urandom(300))
+    write_behind(populated, populated.dbs.chunks, prep.digest, bytes((prep.codec,)) + prep.payload)
+    _repairs_to_clean(populated, "has no reference record")
+
+
+def test_fsck_rebuilds_a_lost_reference_record_without_losing_data(populated: Store) -> None:
+    """The chunk bytes are there and referenced: repair must keep them readable."""
+    digest = _digest(populated, "v", b"a")
+    data = populated.volume("v").read_chunk(b"a")
+    write_behind(populated, populated.dbs.chunkrefs, digest, None)
+    report = fsck(populated)
+    assert not report.clean
+    fsck(populated, repair=True)
+    assert populated.volume("v").read_chunk(b"a") == data
+    assert populated.volume("clone").read_chunk(b"b") == data
+    assert fsck(populated).clean
+    delete_everything(populated)
+    assert empty(populated)
+
+
+def test_fsck_requeues_a_garbage_layer(populated: Store) -> None:
+    head = populated.get_volume("clone").head
+    populated.delete_volume("clone")
+    write_behind(populated, populated.dbs.gcqueue, ly.u64(head), None)
+    assert populated.gc_pending() == 0
+    _repairs_to_clean(populated, "no holders and is not queued")
+
+
+def test_fsck_repairs_wrong_holders(populated: Store) -> None:
+    layer = populated.get_snapshot("s").layer
+    with populated.env.begin() as txn:
+        rec = ly.read_layer(txn, populated.dbs, layer)
+    assert rec.holders == 3  # the snapshot, the volume's new head, the clone's head
+    bad = ly.LayerRecord(rec.layer, rec.parent, rec.family, 9, rec.frozen)
+    write_behind(populated, populated.dbs.layers, ly.u64(layer), bad.pack())
+    _repairs_to_clean(populated, f"layer {layer} has 9 holders, counted 3")
+
+
+def test_fsck_repairs_wrong_counters(populated: Store) -> None:
+    truth = populated.stats()
+    for name in ("chunk_count", "stored_bytes", "referenced_raw_bytes", "unique_raw_bytes"):
+        write_behind(populated, populated.dbs.meta, name.encode(), struct.pack(">Q", 12345))
+    report = fsck(populated)
+    assert sum("counter" in p for p in report.problems) == 4, report.problems
+    fsck(populated, repair=True)
+    st = populated.stats()
+    assert (st.chunk_count, st.stored_bytes, st.referenced_raw_bytes, st.unique_raw_bytes) == (
+        truth.chunk_count,
+        truth.stored_bytes,
+        truth.referenced_raw_bytes,
+        truth.unique_raw_bytes,
+    )
+    _empties_cleanly(populated)
+
+
+def test_fsck_repairs_wrong_usage(populated: Store) -> None:
+    info = populated.get_volume("v")
+    write_behind(
+        populated, populated.dbs.vstate, b"v", struct.pack(">QQ", info.head, info.used + 77)
+    )
+    assert populated.get_volume("v").used == info.used + 77
+    report = fsck(populated)
+    assert any("records" in p for p in report.problems)
+    fsck(populated, repair=True)
+    assert populated.get_volume("v").used == info.used
+    _empties_cleanly(populated)
+
+
+def test_fsck_restores_a_missing_index_row(populated: Store) -> None:
+    head = populated.get_volume("v").head
+    write_behind(populated, populated.dbs.layerkeys, ly.u64(head) + ly.enc(b"d"), None)
+    # Without the index row, release could not find the entry: repair must restore it.
+    _repairs_to_clean(populated, "has no index row")
+
+
+@pytest.mark.parametrize("lose", ["both", "bytes"])
+def test_fsck_reports_but_keeps_a_dangling_reference(populated: Store, lose: str) -> None:
+    digest = _digest(populated, "v", b"c")
+    write_behind(populated, populated.dbs.chunks, digest, None)
+    if lose == "both":
+        write_behind(populated, populated.dbs.chunkrefs, digest, None)
+    for repair in (False, True, False):
+        report = fsck(populated, repair=repair)
+        assert any(digest.hex()[:16] in u for u in report.unfixable), report.unfixable
+    # The entries still point at the chunk; reading fails instead of returning bytes.
+    for view in (populated.volume("v"), populated.snapshot("s"), populated.volume("clone")):
+        assert view.get(b"c") == ChunkRef(digest, len(TEXT))
+        with pytest.raises((Corrupt, NotFound)):
+            view.read_chunk(b"c")
+    assert populated.volume("v").read_chunk(b"a") is not None
+
+
+def test_fsck_of_an_empty_and_a_fresh_store_is_clean(store: Store) -> None:
+    report = fsck(store)
+    assert report.clean and (report.entries, report.chunks, report.layers) == (0, 0, 0)
+    store.create_volume("v", 4096)
+    report = fsck(store, repair=True)
+    assert report.clean and report.repaired == 0 and report.layers == 1
+
+
+def test_gc_step_refuses_an_empty_batch(store: Store) -> None:
+    store.create_volume("v", 4096)
+    store.delete_volume("v")
+    with pytest.raises(InvalidArgument):
+        store.gc_step(batch=0)
+    assert store.gc_step(budget=0, batch=1) is False
+    assert empty(store)
