@@ -23,6 +23,12 @@ Databases:
 ``layerkeys``  layer id (8) + enc(key) -> b"": the per-layer index, so a dead
                layer's entries are found without a scan of the store.
 ``gcqueue``    layer id (8) -> b"": layers with no holders, awaiting release.
+``mergequeue`` layer id (8) -> b"": frozen layers left with one holder; if that
+               holder is their only child layer (no snapshot names them), they are
+               merged into the child: versions the child hides are released, the
+               rest move down, and the child takes the merged layer's parent. This
+               is how deleting a snapshot gives back the space of data the volume
+               has overwritten since.
 
 Entry values: ``b"V" + bytes`` a plain value; ``b"C" + digest(32) + raw length
 (4 BE)`` a reference to a chunk (each such version holds one chunk reference);
@@ -142,6 +148,7 @@ class Databases:
         self.entries = env.open_db(b"entries")
         self.layerkeys = env.open_db(b"layerkeys")
         self.gcqueue = env.open_db(b"gcqueue")
+        self.mergequeue = env.open_db(b"mergequeue")
         self.chunks = env.open_db(b"chunks")
         self.chunkrefs = env.open_db(b"chunkrefs")
         self.volumes = env.open_db(b"volumes")
@@ -161,7 +168,12 @@ def write_layer(txn: lmdb.Transaction, dbs: Databases, rec: LayerRecord) -> None
 
 
 class LineageCache:
-    """Per-process cache of ancestries; valid forever because parents never change."""
+    """Per-process cache of ancestries.
+
+    A parent changes only when a layer is merged into its child; a cached lineage
+    that still lists the merged layer reads the same, because that layer holds no
+    versions any more and layer ids are never reused.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[int, Lineage] = {}
@@ -300,6 +312,15 @@ def iter_layer_keys(txn: lmdb.Transaction, dbs: Databases, layer: int) -> Iterat
         if not k.startswith(lk):
             return
         yield bytes(k[8:])
+
+
+def children(txn: lmdb.Transaction, dbs: Databases, layer: int) -> list[int]:
+    """Layers whose parent is ``layer`` (a scan of the layer table; merges are rare)."""
+    out = []
+    for k, v in txn.cursor(db=dbs.layers):
+        if LayerRecord.unpack(from_u64(k), v).parent == layer:
+            out.append(from_u64(k))
+    return out
 
 
 def version_key(family: int, ekey: bytes, layer: int) -> bytes:

@@ -41,6 +41,7 @@ from .catalog import (
 )
 from .errors import (
     AlreadyExists,
+    Corrupt,
     InvalidArgument,
     NoSpace,
     NotFound,
@@ -157,6 +158,8 @@ class _Txn:
         ly.write_layer(self.txn, self.dbs, rec)
         if holders <= 0:
             self.txn.put(ly.u64(layer), b"", db=self.dbs.gcqueue)
+        elif holders == 1 and delta < 0 and rec.frozen:
+            self.txn.put(ly.u64(layer), b"", db=self.dbs.mergequeue)
 
     def commit_counters(self) -> None:
         for name, delta in self.deltas.items():
@@ -540,7 +543,8 @@ class Store:
         with self._read() as txn:
             stored = txn.get(ref.digest, db=self.dbs.chunks)
         if stored is None:
-            raise NotFound(f"chunk {ref.digest.hex()[:16]} is missing")
+            # An entry names a chunk that is gone: the store is damaged (fsck says so).
+            raise Corrupt(f"chunk {ref.digest.hex()[:16]} is missing")
         return ch.decode(ref.digest, stored, ref.raw_length)
 
     # -- space and release -------------------------------------------------
@@ -549,7 +553,9 @@ class Store:
             counters = {c: self._meta_int(txn, c.encode()) for c in COUNTERS}
             entries = txn.stat(self.dbs.entries)["entries"]
             layers = txn.stat(self.dbs.layers)["entries"]
-            pending = txn.stat(self.dbs.gcqueue)["entries"]
+            pending = (
+                txn.stat(self.dbs.gcqueue)["entries"] + txn.stat(self.dbs.mergequeue)["entries"]
+            )
             nvol = txn.stat(self.dbs.volumes)["entries"]
             nsnap = txn.stat(self.dbs.snapshots)["entries"]
             used = sum(
@@ -572,40 +578,102 @@ class Store:
         )
 
     def gc_pending(self) -> int:
+        """Layers waiting to be released or merged."""
         with self._read() as txn:
-            return int(txn.stat(self.dbs.gcqueue)["entries"])
+            return int(
+                txn.stat(self.dbs.gcqueue)["entries"] + txn.stat(self.dbs.mergequeue)["entries"]
+            )
 
     def gc_step(self, budget: float = 0.005, batch: int = 128) -> bool:
-        """Release garbage layers for about ``budget`` seconds; True if work remains."""
+        """Release garbage and merge single-child layers for about ``budget`` seconds.
+
+        Returns True while work remains. Dead layers go first (they free space
+        outright), then merges of frozen layers that only their child still holds.
+        """
         if batch < 1:
             raise InvalidArgument(f"gc batch must be at least 1, not {batch}")
         with self._write() as t:
-            # The clock starts once the write lock is held and every call releases at
-            # least one batch: time spent waiting for the lock must not stall release.
+            # The clock starts once the write lock is held and every call makes
+            # progress: time spent waiting for the lock must not stall release.
             deadline = time.monotonic() + budget
             txn, dbs = t.txn, self.dbs
             while True:
-                first = txn.cursor(db=dbs.gcqueue)
-                if not first.first():
+                dead, merge = txn.cursor(db=dbs.gcqueue), txn.cursor(db=dbs.mergequeue)
+                if dead.first():
+                    self._release_some(t, ly.from_u64(dead.key()), batch)
+                elif merge.first():
+                    self._merge_some(t, ly.from_u64(merge.key()), batch)
+                else:
                     return False
-                layer = ly.from_u64(first.key())
-                rec = ly.read_layer(txn, dbs, layer)
-                keys = list(_take(ly.iter_layer_keys(txn, dbs, layer), batch))
-                for ekey in keys:
-                    vkey = ly.version_key(rec.family, ekey, layer)
-                    t.release_version(txn.get(vkey, db=dbs.entries))
-                    txn.delete(vkey, db=dbs.entries)
-                    txn.delete(ly.u64(layer) + ekey, db=dbs.layerkeys)
-                if len(keys) < batch:
-                    txn.delete(ly.u64(layer), db=dbs.layers)
-                    txn.delete(ly.u64(layer), db=dbs.gcqueue)
-                    if rec.parent:
-                        t.add_holders(rec.parent, -1)
-                    log.debug("event=layer_released layer=%d", layer)
                 if time.monotonic() >= deadline:
                     break
-            cur = txn.cursor(db=dbs.gcqueue)
-            return bool(cur.first())
+            return bool(txn.cursor(db=dbs.gcqueue).first() or txn.cursor(db=dbs.mergequeue).first())
+
+    def _release_some(self, t: _Txn, layer: int, batch: int) -> None:
+        txn, dbs = t.txn, self.dbs
+        rec = ly.read_layer(txn, dbs, layer)
+        keys = list(_take(ly.iter_layer_keys(txn, dbs, layer), batch))
+        for ekey in keys:
+            vkey = ly.version_key(rec.family, ekey, layer)
+            t.release_version(txn.get(vkey, db=dbs.entries))
+            txn.delete(vkey, db=dbs.entries)
+            txn.delete(ly.u64(layer) + ekey, db=dbs.layerkeys)
+        if len(keys) < batch:
+            txn.delete(ly.u64(layer), db=dbs.layers)
+            txn.delete(ly.u64(layer), db=dbs.gcqueue)
+            txn.delete(ly.u64(layer), db=dbs.mergequeue)
+            if rec.parent:
+                t.add_holders(rec.parent, -1)
+            log.debug("event=layer_released layer=%d", layer)
+
+    def _merge_some(self, t: _Txn, layer: int, batch: int) -> None:
+        """Merge up to ``batch`` keys of frozen ``layer`` into its only child.
+
+        Every intermediate state reads the same through any view: a version moves
+        from the layer to the child in one transaction, and a version the child
+        hides is simply released.
+        """
+        txn, dbs = t.txn, self.dbs
+        qkey = ly.u64(layer)
+        raw = txn.get(qkey, db=dbs.layers)
+        rec = None if raw is None else ly.LayerRecord.unpack(layer, raw)
+        kids = ly.children(txn, dbs, layer) if rec is not None and rec.holders == 1 else []
+        if rec is None or len(kids) != 1 or self._snapshot_names(txn, layer):
+            txn.delete(qkey, db=dbs.mergequeue)  # no longer (or never) mergeable
+            return
+        child = kids[0]
+        below = self.lineages.get(txn, dbs, rec.parent) if rec.parent else None
+        keys = list(_take(ly.iter_layer_keys(txn, dbs, layer), batch))
+        for ekey in keys:
+            vkey = ly.version_key(rec.family, ekey, layer)
+            ckey = ly.version_key(rec.family, ekey, child)
+            version = txn.get(vkey, db=dbs.entries)
+            txn.delete(vkey, db=dbs.entries)
+            txn.delete(qkey + ekey, db=dbs.layerkeys)
+            mine = txn.get(ckey, db=dbs.entries)
+            hides_nothing = below is None or ly.lookup_raw(txn, dbs, below, ly.dec(ekey)) is None
+            if mine is not None:
+                t.release_version(version)  # hidden by the child's own version
+                if mine == ly.TOMBSTONE and hides_nothing:
+                    txn.delete(ckey, db=dbs.entries)
+                    txn.delete(ly.u64(child) + ekey, db=dbs.layerkeys)
+            elif version == ly.TOMBSTONE and hides_nothing:
+                pass  # a tombstone with nothing beneath it hides nothing
+            else:
+                txn.put(ckey, version, db=dbs.entries)
+                txn.put(ly.u64(child) + ekey, b"", db=dbs.layerkeys)
+        if len(keys) < batch:
+            crec = ly.read_layer(txn, dbs, child)
+            ly.write_layer(txn, dbs, replace(crec, parent=rec.parent))
+            txn.delete(qkey, db=dbs.layers)
+            txn.delete(qkey, db=dbs.mergequeue)
+            log.debug("event=layer_merged layer=%d child=%d", layer, child)
+
+    def _snapshot_names(self, txn: lmdb.Transaction, layer: int) -> bool:
+        return any(
+            SnapshotInfo.from_json(v).layer == layer
+            for v in txn.cursor(db=self.dbs.snapshots).iternext(keys=False)
+        )
 
     def gc(self, progress: Callable[[int], None] | None = None) -> int:
         """Run ``gc_step`` until nothing is left; returns the number of steps."""

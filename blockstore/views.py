@@ -187,6 +187,8 @@ class Batch:
 
     def put_ref(self, key: bytes, ref: ChunkRef) -> None:
         """Point ``key`` at an already stored chunk (a cheap copy of file data)."""
+        if self._t.txn.get(ref.digest, db=self._dbs.chunkrefs) is None:
+            raise NotFound(f"chunk {ref.digest.hex()[:16]}")  # before anything changes
         self._charge(key, ref.raw_length)
         self._t.ref_existing(ref)
         raw = ly.encode_value(ref)
