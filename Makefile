@@ -34,6 +34,11 @@ test: lint typecheck pytest
 bench: setup
 	$(PY) -m benchmarks.store_bench
 
+# fio through a fusedrive mount, a plain directory and memfs (needs root, /dev/fuse, fio).
+.PHONY: bench-fio
+bench-fio: setup
+	$(PY) -m benchmarks.fio_bench
+
 # Regenerates csi_frontend/proto/csi_pb2*.py(i) from csi.proto.
 .PHONY: proto
 proto: setup
