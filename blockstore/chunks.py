@@ -11,7 +11,9 @@ transaction only stores the prepared bytes.
 
 Databases (see ``layers.py`` for the entries that reference chunks):
 
-``chunks``     digest (32 bytes) -> codec (1 byte: 0 raw, 1 zstd) + stored bytes
+``chunks``     digest (32 bytes) -> location of the chunk's record in a segment file
+               (``segments.py``); the record is codec (1 byte: 0 raw, 1 zstd) +
+               stored bytes
 ``chunkrefs``  digest (32 bytes) -> struct ``>QII``: reference count, raw length,
                stored length. A row exists exactly when the chunk exists; the
                count is the number of entry versions that name the digest. A

@@ -9,17 +9,22 @@ Checks, from the entries up:
 - layer holder counts equal volume heads + snapshots + child layers, and a layer
   without holders is queued for release;
 - each volume's logical usage equals the chunk bytes its head sees;
-- the space counters in ``meta`` equal the sums over the chunks.
+- the space counters in ``meta`` equal the sums over the chunks;
+- segment records count exactly the live chunk bytes of each segment file, and no
+  segment file is left without live chunks (except the active one). Space a
+  crash left un-punched is reported as ``reclaimable_bytes`` (not a problem).
 
 ``repair=True`` fixes what can be fixed without inventing data: reference counts
 (a lost record is rebuilt from the chunk it describes), orphaned chunks and index
-rows, holder counts, the release queue, usage and counters. Dangling references
+rows, holder counts, the release queue, usage and counters, segment records;
+it deletes dead segment files and punches out reclaimable space. Dangling references
 and corrupt chunks are reported, not removed: a read of them fails with an I/O
 error rather than returning wrong bytes.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +50,7 @@ class FsckReport:
     problems: list[str] = field(default_factory=list)
     unfixable: list[str] = field(default_factory=list)
     repaired: int = 0
+    reclaimable_bytes: int = 0
 
     @property
     def clean(self) -> bool:
@@ -57,8 +63,10 @@ Progress = Callable[[str, int, int], None]
 def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -> FsckReport:
     rep = FsckReport()
     txn = store._begin(write=repair)
+    after: list[Callable[[], None]] = []
     try:
         _check(store, txn, rep, repair, progress)
+        _check_segments(store, txn, rep, repair, after)
         if repair:
             txn.commit()
         else:
@@ -66,7 +74,79 @@ def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -
     except BaseException:
         txn.abort()
         raise
+    for action in after:  # file changes only once the repaired records are durable
+        action()
     return rep
+
+
+def _read_record(store: Store, location: bytes) -> bytes:
+    """The stored record at ``location``; Corrupt if it cannot be read."""
+    try:
+        return store.segments.read(bytes(location))
+    except OSError as exc:
+        raise Corrupt(f"segment read failed: {exc}") from exc
+
+
+def _check_segments(
+    store: Store, txn: object, rep: FsckReport, repair: bool, after: list[Callable[[], None]]
+) -> None:
+    import lmdb
+
+    from .segments import aligned, pack_segment, punch, unpack_location, unpack_segment
+
+    assert isinstance(txn, lmdb.Transaction)
+    dbs, files = store.dbs, store.segments
+
+    def problem(msg: str) -> None:
+        rep.problems.append(msg)
+        if repair:
+            rep.repaired += 1
+
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for loc in txn.cursor(db=dbs.chunks).iternext(keys=False):
+        seg, off, length = unpack_location(bytes(loc))
+        ranges.setdefault(seg, []).append((off, aligned(length)))
+    records = {ly.from_u64(k): unpack_segment(bytes(v)) for k, v in txn.cursor(db=dbs.segments)}
+    raw = txn.get(b"active_segment", db=dbs.meta)
+    active = _U64.unpack(raw)[0] if raw else 0
+    for seg in sorted(set(records) | set(ranges)):
+        live = sum(size for _, size in ranges.get(seg, []))
+        end = max([records.get(seg, (0, 0))[1]] + [o + n for o, n in ranges.get(seg, [])])
+        have = records.get(seg)
+        if not live and seg != active:
+            if have is not None:
+                problem(f"segment {seg:x} has no live chunks but is kept")
+                if repair:
+                    txn.delete(ly.u64(seg), db=dbs.segments)
+            continue
+        if have is None or have[0] != live or have[1] < end:
+            problem(f"segment {seg:x} records {have}, counted live={live} end={end}")
+            if repair:
+                txn.put(ly.u64(seg), pack_segment(live, end), db=dbs.segments)
+    keep = {s for s in set(records) | set(ranges) if ranges.get(s) or s == active}
+    for seg in files.existing():
+        path = files.path(seg)
+        if seg not in keep:
+            problem(f"segment file {path.name} holds no live chunk")
+            if repair:
+                after.append(functools.partial(files.release, [], [seg]))
+            continue
+        allocated = path.stat().st_blocks * 512
+        live_ranges = sorted(ranges.get(seg, []))
+        live = sum(n for _, n in live_ranges)
+        if allocated > live:
+            rep.reclaimable_bytes += allocated - live
+            if repair:
+                end = max([records.get(seg, (0, 0))[1]] + [o + n for o, n in live_ranges])
+
+                def punch_gaps(seg: int = seg, spans: list = live_ranges, end: int = end) -> None:
+                    fd, pos = files.fd(seg), 0
+                    for off, size in [*spans, (end, 0)]:
+                        if off > pos:
+                            punch(fd, pos, off - pos)
+                        pos = max(pos, off + size)
+
+                after.append(punch_gaps)
 
 
 def _check(
@@ -149,9 +229,9 @@ def _check(
         rep.chunks += 1
         seen.add(digest)
         count, raw_len, stored_len = ch.unpack_refs(bytes(rv))
-        stored = txn.get(digest, db=dbs.chunks)
+        location = txn.get(digest, db=dbs.chunks)
         want = refs.get(digest, 0)
-        if stored is None:
+        if location is None:
             if want:
                 rep.unfixable.append(f"chunk {digest.hex()[:16]} is missing ({want} references)")
             else:
@@ -160,14 +240,16 @@ def _check(
                     txn.delete(digest, db=dbs.chunkrefs)
             continue
         try:
-            ch.decode(digest, bytes(stored), raw_len)
+            stored = _read_record(store, location)
+            ch.decode(digest, stored, raw_len)
         except Corrupt as exc:
             rep.unfixable.append(str(exc))
+            stored = b""
         if want == 0:
             problem(f"orphaned chunk {digest.hex()[:16]}")
             to_delete.append(digest)
             continue
-        if len(stored) != stored_len:
+        if stored and len(stored) != stored_len:
             problem(f"chunk {digest.hex()[:16]} stored length {stored_len} != {len(stored)}")
             stored_len = len(stored)
             if repair:
@@ -184,8 +266,8 @@ def _check(
         for digest in to_delete:
             txn.delete(digest, db=dbs.chunkrefs)
             txn.delete(digest, db=dbs.chunks)
-    for digest, stored in list(txn.cursor(db=dbs.chunks)):
-        digest, stored = bytes(digest), bytes(stored)
+    for digest, location in list(txn.cursor(db=dbs.chunks)):
+        digest = bytes(digest)
         if digest in seen:
             continue
         want = refs.get(digest, 0)
@@ -196,6 +278,7 @@ def _check(
             continue
         # Referenced bytes without a record: rebuild the record, never drop the data.
         try:
+            stored = _read_record(store, location)
             raw_len = len(ch.decode(digest, stored))
         except Corrupt as exc:
             rep.unfixable.append(str(exc))

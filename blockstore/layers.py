@@ -150,6 +150,7 @@ class Databases:
         self.gcqueue = env.open_db(b"gcqueue")
         self.mergequeue = env.open_db(b"mergequeue")
         self.chunks = env.open_db(b"chunks")
+        self.segments = env.open_db(b"segments")
         self.chunkrefs = env.open_db(b"chunkrefs")
         self.volumes = env.open_db(b"volumes")
         self.vstate = env.open_db(b"vstate")

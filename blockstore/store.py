@@ -49,6 +49,15 @@ from .errors import (
     StoreError,
 )
 from .layers import ChunkRef
+from .segments import (
+    SEGMENT_BYTES,
+    SegmentFiles,
+    aligned,
+    pack_location,
+    pack_segment,
+    unpack_location,
+    unpack_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,67 @@ class _Txn:
         self.txn = txn
         self.dbs = store.dbs
         self.deltas = dict.fromkeys(COUNTERS, 0)
+        # Segments touched by this transaction: id -> [live bytes, end offset].
+        self._segs: dict[int, list[int]] = {}
+        self._active = 0
+        self._written: set[int] = set()
+        self._freed: list[tuple[int, int, int]] = []
+        self._dead: list[int] = []
+
+    # -- chunk bytes in segment files ---------------------------------------
+    def _segment(self, seg: int) -> list[int]:
+        rec = self._segs.get(seg)
+        if rec is None:
+            raw = self.txn.get(_U64.pack(seg), db=self.dbs.segments)
+            rec = self._segs[seg] = list(unpack_segment(raw)) if raw else [0, 0]
+        return rec
+
+    def append(self, record: bytes) -> bytes:
+        """Write ``record`` to the active segment; returns its location."""
+        if not self._active:
+            self._active = self.store._meta_int(self.txn, b"active_segment")
+            if not self._active:
+                self._roll()
+        size = aligned(len(record))
+        seg = self._segment(self._active)
+        if seg[1] and seg[1] + size > SEGMENT_BYTES:
+            self._roll()
+            seg = self._segment(self._active)
+        offset = seg[1]
+        self.store.segments.write(self._active, offset, record)
+        self._written.add(self._active)
+        seg[0] += size
+        seg[1] += size
+        return pack_location(self._active, offset, len(record))
+
+    def _roll(self) -> None:
+        self._active = self.store._next_counter(self.txn, b"next_segment")
+        self.txn.put(b"active_segment", _U64.pack(self._active), db=self.dbs.meta)
+        self._segs[self._active] = [0, 0]
+
+    def free(self, location: bytes) -> None:
+        seg, offset, length = unpack_location(location)
+        size = aligned(length)
+        self._segment(seg)[0] -= size
+        self._freed.append((seg, offset, size))
+
+    def finish_segments(self) -> None:
+        """Record segment sizes and make appended bytes durable before the commit."""
+        if not self._segs:
+            return
+        active = self._active or self.store._meta_int(self.txn, b"active_segment")
+        for seg, (live, end) in self._segs.items():
+            key = _U64.pack(seg)
+            if live <= 0 and seg != active:
+                self.txn.delete(key, db=self.dbs.segments)
+                self._dead.append(seg)
+            else:
+                self.txn.put(key, pack_segment(max(live, 0), end), db=self.dbs.segments)
+        self.store.segments.sync(self._written)
+
+    def after_commit(self) -> None:
+        if self._freed or self._dead:
+            self.store.segments.release(self._freed, self._dead)
 
     # -- chunk references -------------------------------------------------
     def ref_new(self, prep: ch.PreparedChunk) -> None:
@@ -107,8 +177,9 @@ class _Txn:
             count, raw_len, stored = ch.unpack_refs(raw)
             txn.put(prep.digest, ch.pack_refs(count + 1, raw_len, stored), db=dbs.chunkrefs)
         else:
-            stored = 1 + len(prep.payload)
-            txn.put(prep.digest, bytes((prep.codec,)) + prep.payload, db=dbs.chunks)
+            record = bytes((prep.codec,)) + prep.payload
+            stored = len(record)
+            txn.put(prep.digest, self.append(record), db=dbs.chunks)
             txn.put(prep.digest, ch.pack_refs(1, prep.raw_length, stored), db=dbs.chunkrefs)
             self.deltas["chunk_count"] += 1
             self.deltas["unique_raw_bytes"] += prep.raw_length
@@ -133,7 +204,10 @@ class _Txn:
         self.deltas["referenced_raw_bytes"] -= raw_len
         if count <= 1:
             txn.delete(digest, db=dbs.chunkrefs)
-            txn.delete(digest, db=dbs.chunks)
+            location = txn.get(digest, db=dbs.chunks)
+            if location is not None:
+                self.free(location)
+                txn.delete(digest, db=dbs.chunks)
             self.deltas["chunk_count"] -= 1
             self.deltas["unique_raw_bytes"] -= raw_len
             self.deltas["stored_bytes"] -= stored
@@ -202,6 +276,7 @@ class Store:
             raise _translate_lmdb(exc) from exc
         self.dbs = ly.Databases(self.env)
         self.lineages = ly.LineageCache()
+        self.segments = SegmentFiles(self.path)
         with self._write() as t:
             fmt = t.txn.get(b"format", db=self.dbs.meta)
             if fmt is None:
@@ -220,6 +295,7 @@ class Store:
     # -- plumbing ---------------------------------------------------------
     def close(self) -> None:
         self.env.close()
+        self.segments.close()
 
     def __enter__(self) -> Store:
         return self
@@ -250,6 +326,7 @@ class Store:
         try:
             yield t
             t.commit_counters()
+            t.finish_segments()
             txn.commit()
         except lmdb.Error as exc:
             txn.abort()
@@ -257,6 +334,7 @@ class Store:
         except BaseException:
             txn.abort()
             raise
+        t.after_commit()
 
     def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
         raw = txn.get(key, db=self.dbs.meta)
@@ -541,11 +619,20 @@ class Store:
     def read_chunk(self, ref: ChunkRef) -> bytes:
         """The raw bytes of a chunk, verified against its hash (``Corrupt`` if not)."""
         with self._read() as txn:
-            stored = txn.get(ref.digest, db=self.dbs.chunks)
-        if stored is None:
+            location = txn.get(ref.digest, db=self.dbs.chunks)
+        if location is None:
             # An entry names a chunk that is gone: the store is damaged (fsck says so).
             raise Corrupt(f"chunk {ref.digest.hex()[:16]} is missing")
-        return ch.decode(ref.digest, stored, ref.raw_length)
+        return ch.decode(ref.digest, self.segments.read(location), ref.raw_length)
+
+    def locate_chunk(self, digest: bytes) -> tuple[Path, int, int]:
+        """(segment file, offset, length) of a chunk's stored record: for fsck and tests."""
+        with self._read() as txn:
+            location = txn.get(digest, db=self.dbs.chunks)
+        if location is None:
+            raise NotFound(f"chunk {digest.hex()[:16]}")
+        seg, offset, length = unpack_location(location)
+        return self.segments.path(seg), offset, length
 
     # -- space and release -------------------------------------------------
     def stats(self) -> StoreStats:
@@ -564,6 +651,7 @@ class Store:
         vfs = os.statvfs(self.path)
         data = self.path / "data.mdb"
         file_bytes = data.stat().st_blocks * 512 if data.exists() else 0
+        file_bytes += self.segments.allocated_bytes()
         return StoreStats(
             entries=entries,
             layers=layers,
