@@ -202,3 +202,18 @@ def test_merge_keeps_a_later_snapshot_and_clone_intact(store: Store) -> None:
         assert v.scan() == [(b"a", b"3")]
     assert fsck(store).clean
     assert store.stats().layers == 3  # s2's layer, v's head, c's head
+
+
+def test_an_aborted_write_leaves_only_reclaimable_space(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    with pytest.raises(RuntimeError), v.batch() as b:
+        b.put_chunk(b"c", store.prepare_chunk(os.urandom(8192)))
+        raise RuntimeError("abort the transaction after its bytes were appended")
+    report = fsck(store)
+    assert report.clean and report.reclaimable_bytes > 0
+    fsck(store, repair=True)
+    assert fsck(store).reclaimable_bytes == 0
+    # The next write reuses the segment and everything still adds up.
+    v.put_chunk(b"c", os.urandom(8192))
+    assert fsck(store).clean and len(v.read_chunk(b"c") or b"") == 8192
