@@ -9,12 +9,16 @@ once), hashes and compresses its chunks (``prepare``, safe in worker threads: it
 only reads the frozen buffers) and writes everything, with the inode records
 captured at the same moment, in ONE ``View.batch()`` transaction (``commit``).
 LMDB commits are synced, so a committed job survives a crash; a job is all or
-nothing.
+nothing. With a thread pool attached (``prepare_pool``), chunks are hashed and
+compressed while the layer is still live, from immutable snapshots
+(``prepare_ahead``); a chunk changed after its snapshot drops that result, so a
+job only ever commits what its buffers hold at the freeze.
 
 Reads see, in order: the live layer, the job being committed (or one whose commit
 failed, kept for a retry), then the store through ``ChunkCache``. The cache
 mirrors the store: it changes only when a job commits (its keys are dropped) and
-entries fetched before a commit are not inserted after it (``epoch``).
+entries fetched before a commit that changed file data are not inserted after it
+(``epoch``).
 
 Space accounting: each dirty chunk remembers the length of the chunk it replaces
 (``base``); a layer's ``growth`` is the sum of (dirty length - base), so the volume's
@@ -37,6 +41,7 @@ import errno
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import replace
 
 from blockstore import Batch, ChunkRef, PreparedChunk, Store, View
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 INF = 1 << 62  # an index past any chunk of any file (2**63 bytes / 4 KiB chunks)
 _SCAN_BATCH = 1024
 _ENTRY_OVERHEAD = 128  # bytes charged per cache entry besides its data
+_AHEAD_BATCH = 16  # chunks per task sent to the prepare pool (tasks are cancelled whole)
 
 
 class _Hidden:
@@ -94,17 +100,29 @@ class IndexRanges:
 
 
 class FileOverlay:
-    """One file's buffered data: dirty chunks over hidden ranges over the layer below."""
+    """One file's buffered data: dirty chunks over hidden ranges over the layer below.
 
-    __slots__ = ("base", "chunks", "growth", "hidden")
+    A dirty chunk is ``bytes`` while it holds one whole-chunk write (immutable: it
+    can be read, hashed and prepared ahead without a copy) and becomes a
+    ``bytearray`` the first time it is changed in part (``Layer.chunk_for_update``).
+
+    ``ready``: chunks whose hashing and compression started ahead of the flush
+    (``FileData.prepare_ahead``), each a future of prepared chunks and a position
+    in it. An entry exists only while its buffer is unchanged since the snapshot
+    that was prepared: every change to a buffer goes through
+    ``Layer.chunk_for_update`` or ``Layer.hide``, which drop the entry.
+    """
+
+    __slots__ = ("base", "chunks", "growth", "hidden", "ready")
 
     def __init__(self) -> None:
-        self.chunks: dict[int, bytearray] = {}
+        self.chunks: dict[int, bytearray | bytes] = {}
         self.base: dict[int, int] = {}
         self.hidden = IndexRanges()
         self.growth = 0
+        self.ready: dict[int, tuple[Future[list[PreparedChunk]], int]] = {}
 
-    def lookup(self, index: int) -> bytearray | _Hidden | None:
+    def lookup(self, index: int) -> bytearray | bytes | _Hidden | None:
         buf = self.chunks.get(index)
         if buf is not None:
             return buf
@@ -122,11 +140,12 @@ class Layer:
         self.prefix_deletes: list[bytes] = []
         self.dirty_bytes = 0
         self.growth = 0
+        self.ahead = False  # a flush became due: the backlog was sent to be prepared ahead
 
     def __bool__(self) -> bool:
         return bool(self.files or self.kv or self.prefix_deletes)
 
-    def lookup_chunk(self, ino: int, index: int) -> bytearray | _Hidden | None:
+    def lookup_chunk(self, ino: int, index: int) -> bytearray | bytes | _Hidden | None:
         fo = self.files.get(ino)
         return None if fo is None else fo.lookup(index)
 
@@ -140,19 +159,38 @@ class Layer:
         return 0 if fo is None else fo.growth
 
     def chunk_for_update(
-        self, ino: int, index: int, load: Callable[[], tuple[bytes, int]]
+        self, ino: int, index: int, load: Callable[[], tuple[bytes | bytearray, int]]
     ) -> bytearray:
-        """The dirty buffer of a chunk, created from ``load() -> (content, base)``."""
+        """The mutable dirty buffer of a chunk, created from ``load() -> (content, base)``."""
         fo = self.files.get(ino)
         if fo is None:
             fo = self.files[ino] = FileOverlay()
         buf = fo.chunks.get(index)
         if buf is None:
             content, base = load()
-            buf = fo.chunks[index] = bytearray(content)
+            new = fo.chunks[index] = bytearray(content)
             fo.base[index] = base
-            self._account(fo, len(buf) - base, len(buf))
+            self._account(fo, len(new) - base, len(new))
+            return new
+        if fo.ready:
+            fo.ready.pop(index, None)  # the caller changes the buffer: that snapshot is stale
+        if isinstance(buf, bytes):
+            buf = fo.chunks[index] = bytearray(buf)
         return buf
+
+    def put_whole(self, ino: int, index: int, data: bytes, base: int) -> None:
+        """Make ``data`` (a whole chunk) the chunk's content; ``base``: the length it replaces."""
+        fo = self.files.get(ino)
+        if fo is None:
+            fo = self.files[ino] = FileOverlay()
+        old = fo.chunks.get(index)
+        if old is None:
+            fo.base[index] = base
+            self._account(fo, len(data) - base, len(data))
+        else:
+            fo.ready.pop(index, None)
+            self._account(fo, len(data) - len(old), len(data) - len(old))
+        fo.chunks[index] = data
 
     def resized(self, ino: int, old_length: int, new_length: int) -> None:
         """Account a dirty buffer of ``ino`` that changed length in place."""
@@ -168,6 +206,7 @@ class Layer:
         for index in [i for i in fo.chunks if lo <= i < hi]:
             buf = fo.chunks.pop(index)
             base = fo.base.pop(index)
+            fo.ready.pop(index, None)
             self._account(fo, base - len(buf), -len(buf))
         fo.hidden.add(lo, hi)
 
@@ -231,9 +270,12 @@ class FlushJob:
     def __init__(self, layer: Layer, records: dict[int, InodeRecord]) -> None:
         self.layer = layer
         self.records = records
-        self.chunks: list[tuple[int, int, bytearray]] = [
-            (ino, index, buf) for ino, fo in layer.files.items() for index, buf in fo.chunks.items()
-        ]
+        self.chunks: list[tuple[int, int, bytearray | bytes]] = []
+        self.ready: list[tuple[Future[list[PreparedChunk]], int] | None] = []
+        for ino, fo in layer.files.items():
+            for index, buf in fo.chunks.items():
+                self.chunks.append((ino, index, buf))
+                self.ready.append(fo.ready.get(index))
         self.prepared: list[PreparedChunk | None] = [None] * len(self.chunks)
         self.state = self.NEW
 
@@ -244,7 +286,34 @@ class FlushJob:
     def prepare(self, store: Store, level: int, part: int = 0, parts: int = 1) -> None:
         for i in range(part, len(self.chunks), parts):
             if self.prepared[i] is None:
-                self.prepared[i] = store.prepare_chunk(memoryview(self.chunks[i][2]), level)
+                prep = self._ready(i)
+                if prep is None:
+                    buf = self.chunks[i][2]
+                    prep = store.prepare_chunk(
+                        buf if isinstance(buf, bytes) else memoryview(buf), level
+                    )
+                self.prepared[i] = prep
+
+    def _ready(self, i: int) -> PreparedChunk | None:
+        """The chunk prepared ahead of the flush, if any (None: prepare it now).
+
+        A prepare-ahead still queued is cancelled rather than waited for: it may sit
+        behind this very call in the same pool.
+        """
+        ready = self.ready[i]
+        if ready is None:
+            return None
+        self.ready[i] = None
+        fut, pos = ready
+        if fut.cancel():
+            return None
+        try:
+            return fut.result()[pos]
+        except CancelledError:
+            return None
+        except Exception:
+            log.exception("event=prepare_ahead_failed")
+            return None
 
     def commit(self, view: View) -> dict[int, int]:
         """Write the job in one transaction; returns stored chunk bytes gained per inode."""
@@ -278,12 +347,21 @@ class FlushJob:
         return dict(deltas)
 
 
+def _prepare_all(store: Store, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
+    return [store.prepare_chunk(snap, level) for snap in snaps]
+
+
 def _with_alloc(rec: InodeRecord, alloc: int) -> InodeRecord:
     return replace(rec, alloc=max(alloc, 0))
 
 
 def _delete_chunks(
-    b: Batch, ino: int, lo: int, hi: int, keep: dict[int, bytearray], deltas: dict[int, int]
+    b: Batch,
+    ino: int,
+    lo: int,
+    hi: int,
+    keep: dict[int, bytearray | bytes],
+    deltas: dict[int, int],
 ) -> None:
     """Delete stored chunks ``[lo, hi)`` of ``ino`` except those being rewritten."""
     prefix = chunk_prefix(ino)
@@ -323,8 +401,11 @@ class FileData:
         self.cache = ChunkCache(cache_limit)
         self.live = Layer()
         self.inflight: FlushJob | None = None
-        self.epoch = 0  # bumped whenever the store's copy of file data changes
+        self.epoch = 0  # bumped whenever the store's copy of file data may have changed
         self.used, self.capacity = view.usage()
+        # Where writes send chunks to be hashed and compressed before the flush needs
+        # them (``prepare_ahead``; the async adapter sets its pool; None: at the flush).
+        self.prepare_pool: Executor | None = None
 
     def layers(self) -> list[Layer]:
         return [self.live] if self.inflight is None else [self.live, self.inflight.layer]
@@ -333,7 +414,10 @@ class FileData:
         self.used, self.capacity = self.view.usage()
 
     def file_growth(self, ino: int) -> int:
-        return sum(layer.file_growth(ino) for layer in self.layers())
+        growth = self.live.file_growth(ino)  # on every getattr: no generator, no list
+        if self.inflight is not None:
+            growth += self.inflight.layer.file_growth(ino)
+        return growth
 
     def pending_growth(self) -> int:
         return sum(layer.growth for layer in self.layers())
@@ -355,7 +439,7 @@ class FileData:
             found = layer.lookup_chunk(ino, index)
             if found is HIDDEN:
                 return b"", 0
-            if isinstance(found, bytearray):
+            if isinstance(found, (bytes, bytearray)):
                 return found, len(found)
         cached = self.cache.get((ino, index))
         if cached is not None:
@@ -376,11 +460,11 @@ class FileData:
         the current length (for accounting) is needed, not the bytes.
         """
 
-        def load() -> tuple[bytes, int]:
+        def load() -> tuple[bytes | bytearray, int]:
             if length_if_replaced is not None:
                 return b"", length_if_replaced
             data, length = self.visible(ino, size, index, True)
-            return bytes(data or b""), length
+            return data or b"", length  # copied once, into the new buffer
 
         return self.live.chunk_for_update(ino, index, load)
 
@@ -408,15 +492,24 @@ class FileData:
         if off >= end:
             return b""
         cs = self.chunk_size
-        out = bytearray()
-        for index in range(off // cs, (end - 1) // cs + 1):
+        first, last = off // cs, (end - 1) // cs
+        pieces: list[bytes | memoryview] = []
+        for index in range(first, last + 1):
             base = index * cs
             s, e = max(off, base) - base, min(end, base + cs) - base
-            piece = (self.visible(ino, size, index, True)[0] or b"")[s:e]
-            out += piece
+            data = self.visible(ino, size, index, True)[0] or b""
+            if first == last and s == 0 and e == len(data) and isinstance(data, bytes):
+                return data
+            # Stored chunks and whole-chunk writes are immutable bytes: view them, copy
+            # once in the join. A bytearray is copied at once: nothing may keep a view
+            # of a buffer that changes.
+            piece = memoryview(data)[s:e] if isinstance(data, bytes) else bytes(data[s:e])
+            if first == last and len(piece) == e - s:
+                return bytes(piece)
+            pieces.append(piece)
             if len(piece) < e - s:
-                out += bytes(e - s - len(piece))
-        return bytes(out)
+                pieces.append(bytes(e - s - len(piece)))
+        return b"".join(pieces)
 
     def write(self, ino: int, size: int, off: int, data: bytes | memoryview, pending: bool) -> int:
         """Buffer ``data`` at ``off``; returns the file's new size. May raise FlushNeeded."""
@@ -434,7 +527,21 @@ class FileData:
         self.check_space(growth, n, pending)
         mv = memoryview(data)
         pos = 0
+        live = self.live
+        due = self.prepare_pool is not None and live.dirty_bytes >= self.flush_threshold
+        ahead = []
         for index, s, e, length in plan:
+            # Chunks worth preparing ahead: those this write completes (a sequential
+            # writer does not come back to them) and, once a flush is due, those it
+            # creates (a random writer rarely comes back before the flush).
+            if e == cs or (
+                due and not isinstance(live.lookup_chunk(ino, index), (bytes, bytearray))
+            ):
+                ahead.append(index)
+            if s == 0 and e == cs:  # a whole chunk: one copy, into an immutable chunk
+                live.put_whole(ino, index, bytes(mv[pos : pos + cs]), length)
+                pos += cs
+                continue
             replaced = length if s == 0 and e >= length else None
             buf = self.update_chunk(ino, size, index, replaced)
             old = len(buf)
@@ -442,8 +549,43 @@ class FileData:
                 buf.extend(bytes(s - old))
             buf[s:e] = mv[pos : pos + e - s]
             pos += e - s
-            self.live.resized(ino, old, len(buf))
+            live.resized(ino, old, len(buf))
+        if self.prepare_pool is not None:
+            if not live.ahead and live.dirty_bytes >= self.flush_threshold:
+                self._prepare_backlog()
+            elif ahead:
+                self.prepare_ahead(ino, ahead)
         return max(size, end)
+
+    @property
+    def flush_threshold(self) -> int:
+        """Buffered bytes past which the live layer should be flushed in the background."""
+        return self.dirty_limit // 2
+
+    def prepare_ahead(self, ino: int, indexes: list[int]) -> None:
+        """Start hashing and compressing chunks of the live layer in ``prepare_pool``.
+
+        The flush then finds them prepared and only commits: the next batch is
+        prepared while the previous one commits. The pool gets immutable
+        snapshots (whole-chunk writes are immutable already), never the buffers
+        the trio thread changes.
+        """
+        assert self.prepare_pool is not None
+        fo = self.live.files[ino]
+        for lo in range(0, len(indexes), _AHEAD_BATCH):
+            batch = indexes[lo : lo + _AHEAD_BATCH]
+            snaps = [bytes(fo.chunks[index]) for index in batch]
+            fut = self.prepare_pool.submit(_prepare_all, self.store, self.level, snaps)
+            for pos, index in enumerate(batch):
+                fo.ready[index] = (fut, pos)
+
+    def _prepare_backlog(self) -> None:
+        """A flush of the live layer is due: prepare ahead every chunk not yet sent."""
+        self.live.ahead = True
+        for ino, fo in self.live.files.items():
+            indexes = [index for index in fo.chunks if index not in fo.ready]
+            if indexes:
+                self.prepare_ahead(ino, indexes)
 
     def truncate(self, ino: int, old_size: int, new_size: int) -> None:
         """Shrink: cut the last chunk and hide the rest. Growing needs nothing (holes)."""
@@ -561,7 +703,8 @@ class FileData:
             job.state = FlushJob.FAILED
             return
         self.inflight = None
-        self.epoch += 1
+        if job.layer.files or job.layer.prefix_deletes:
+            self.epoch += 1
         for ino, index, _ in job.chunks:
             self.cache.discard((ino, index))
         for ino, fo in job.layer.files.items():
