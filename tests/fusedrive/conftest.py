@@ -68,6 +68,9 @@ class MountDaemon:
     def output(self) -> str:
         return self.log_file.read_text(errors="replace")
 
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
     def stop(self) -> None:
         """Unmount and reap, escalating as needed; never leaves a mount behind."""
         try:
@@ -93,14 +96,17 @@ class FuseMounts:
         os.chmod(self.points, 0o755)
         self.daemons: dict[Path, MountDaemon] = {}
 
-    def volume(self, name: str, capacity: int = 64 * MiB, **params: str) -> str:
+    def volume(self, name: str = "v", capacity: int = 64 * MiB, **params: str) -> str:
         with Store(self.store) as s:
             s.create_volume(name, capacity, parameters=params)
         return name
 
-    def mount(self, *args: str, at: str) -> Path:
+    def mount(self, *args: str, at: str = "mnt") -> Path:
         """Mount with ``fuse_adapter`` arguments (``--volume V``, ``--snapshot S``, ...)."""
         mp = self.points / at
+        old = self.daemons.get(mp)
+        if old is not None and old.proc.poll() is not None and not is_mounted(mp):
+            del self.daemons[mp]  # its daemon was killed or stopped by the test: reuse
         if mp in self.daemons:
             raise RuntimeError(f"{mp} is already in use")
         mp.mkdir(exist_ok=True)
@@ -108,7 +114,10 @@ class FuseMounts:
         self.daemons[mp] = d
         return mp
 
-    def unmount(self, mp: Path) -> None:
+    def daemon(self, mp: Path) -> MountDaemon:
+        return self.daemons[mp]
+
+    def unmount(self, mp: Path) -> MountDaemon:
         """A clean unmount: the daemon must flush and exit 0 by itself."""
         d = self.daemons.pop(mp)
         try:
@@ -119,6 +128,7 @@ class FuseMounts:
             if not is_mounted(mp):
                 mp.rmdir()
         assert status == 0, d.output()
+        return d
 
     def discard(self, mp: Path) -> None:
         """Stop a mount whatever state it is in (teardown paths)."""

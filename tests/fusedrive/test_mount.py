@@ -1,8 +1,9 @@
 """The filesystem through a real FUSE mount, with plain os and shutil calls.
 
 A daemon (``python -m fusedrive.fuse_adapter``) serves each mount; it reports
-readiness on a pipe. The ``mounts`` fixture unmounts (``fusermount3 -u``, then
-``-uz``) and reaps every daemon it started, whatever the test did.
+readiness on a pipe. The ``mounts`` fixture (``fuse_mounts`` in conftest.py)
+unmounts (``fusermount3 -u``, then ``-uz``) and reaps every daemon it started,
+whatever the test did.
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -29,8 +29,10 @@ from fusedrive.schema import ROOT_INO
 
 pytestmark = pytest.mark.needs_fuse
 
+if TYPE_CHECKING:
+    from conftest import FuseMounts
+
 MiB = 1024 * 1024
-READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -40,107 +42,14 @@ def is_mounted(mountpoint: Path) -> bool:
         return any(line.split()[4] == str(mountpoint) for line in f)
 
 
-class Daemon:
-    """One ``fuse_adapter`` process serving one mount."""
-
-    def __init__(self, store: Path, mountpoint: Path, args: list[str], log: Path) -> None:
-        self.mountpoint = mountpoint
-        self.log = log
-        r, w = os.pipe()
-        try:
-            with open(log, "ab") as out:
-                cmd = [sys.executable, "-m", "fusedrive.fuse_adapter", str(store), str(mountpoint)]
-                self.proc = subprocess.Popen(
-                    [*cmd, *args, "--ready-fd", str(w)],
-                    pass_fds=(w,),
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-        finally:
-            os.close(w)
-        try:
-            ready, _, _ = select.select([r], [], [], READY_TIMEOUT)
-            got = os.read(r, 1) if ready else b""
-        finally:
-            os.close(r)
-        if got != b"R":
-            self.stop()
-            raise RuntimeError(f"daemon did not become ready:\n{self.output()}")
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        """Unmount and reap, escalating as needed; never leaves a mount behind."""
-        try:
-            if self.proc.poll() is None and is_mounted(self.mountpoint):
-                subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-            try:
-                self.proc.wait(EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(EXIT_TIMEOUT)
-        finally:
-            if is_mounted(self.mountpoint):
-                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
-
-
-class Mounts:
-    """The store in pytest's private tmp; mount points where other users can reach them."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.store = tmp / "store"
-        self.points = Path(tempfile.mkdtemp(prefix="fusedrive-test-"))
-        os.chmod(self.points, 0o755)
-        self.daemons: list[Daemon] = []
-
-    def volume(self, name: str = "v", capacity: int = 64 * MiB, **params: str) -> str:
-        with Store(self.store) as s:
-            s.create_volume(name, capacity, parameters=params)
-        return name
-
-    def mount(self, *args: str, at: str = "mnt") -> Path:
-        mp = self.points / at
-        mp.mkdir(exist_ok=True)
-        d = Daemon(self.store, mp, list(args), self.tmp / f"{at}.log")
-        self.daemons.append(d)
-        return mp
-
-    def daemon(self, mp: Path) -> Daemon:
-        return next(d for d in reversed(self.daemons) if d.mountpoint == mp)
-
-    def unmount(self, mp: Path) -> Daemon:
-        """A clean unmount: the daemon must flush and exit 0 by itself."""
-        d = self.daemon(mp)
-        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
-        assert d.wait() == 0, d.output()
-        return d
-
-    def stop_all(self) -> None:
-        for d in reversed(self.daemons):
-            d.stop()
-        if not any(is_mounted(d.mountpoint) for d in self.daemons):
-            for p in self.points.iterdir():
-                p.rmdir()  # never a recursive delete: a mount left behind would be emptied
-            self.points.rmdir()
+@pytest.fixture
+def mounts(fuse_mounts: FuseMounts) -> FuseMounts:
+    """The shared mount fixture (tests/fusedrive/conftest.py): it always unmounts and reaps."""
+    return fuse_mounts
 
 
 @pytest.fixture
-def mounts(tmp_path: Path) -> Iterator[Mounts]:
-    m = Mounts(tmp_path)
-    try:
-        yield m
-    finally:
-        m.stop_all()
-        assert not any(is_mounted(d.mountpoint) for d in m.daemons)
-
-
-@pytest.fixture
-def mnt(mounts: Mounts) -> Path:
+def mnt(mounts: FuseMounts) -> Path:
     mounts.volume()
     return mounts.mount("--volume", "v")
 
@@ -173,7 +82,7 @@ def utimensat(path: Path, atime: tuple[int, int], mtime: tuple[int, int]) -> Non
 
 
 # -- data ---------------------------------------------------------------------------------------
-def test_write_read_sparse_truncate_append(mounts: Mounts, mnt: Path) -> None:
+def test_write_read_sparse_truncate_append(mounts: FuseMounts, mnt: Path) -> None:
     data = os.urandom(3 * MiB + 123)
     (mnt / "f").write_bytes(data)
     assert (mnt / "f").read_bytes() == data
@@ -206,7 +115,7 @@ def test_write_read_sparse_truncate_append(mounts: Mounts, mnt: Path) -> None:
     assert os.stat(mnt / "sparse").st_size == (1 << 40) + 3
 
 
-def test_writes_of_one_mib_arrive_whole(mounts: Mounts, mnt: Path) -> None:
+def test_writes_of_one_mib_arrive_whole(mounts: FuseMounts, mnt: Path) -> None:
     with open(mnt / "big", "wb", buffering=0) as f:
         for _ in range(4):
             f.write(os.urandom(MiB))
@@ -214,7 +123,7 @@ def test_writes_of_one_mib_arrive_whole(mounts: Mounts, mnt: Path) -> None:
     assert "largest_write=1048576" in d.output()
 
 
-def test_statfs_shows_the_capacity(mounts: Mounts) -> None:
+def test_statfs_shows_the_capacity(mounts: FuseMounts) -> None:
     mounts.volume("v", capacity=48 * MiB)
     mnt = mounts.mount("--volume", "v")
     st = os.statvfs(mnt)
@@ -227,7 +136,7 @@ def test_statfs_shows_the_capacity(mounts: Mounts) -> None:
     assert df.stdout.split()[-1] == str(48 * MiB)
 
 
-def test_enospc_loses_nothing_written_before(mounts: Mounts) -> None:
+def test_enospc_loses_nothing_written_before(mounts: FuseMounts) -> None:
     mounts.volume("v", capacity=4 * MiB)
     mnt = mounts.mount("--volume", "v")
     first = os.urandom(3 * MiB)
@@ -367,7 +276,7 @@ def test_permissions_are_enforced_for_other_users(mnt: Path) -> None:
 
 
 # -- lifetime, durability, flushing -------------------------------------------------------------
-def test_unlinked_open_file_keeps_data_until_close(mounts: Mounts, mnt: Path) -> None:
+def test_unlinked_open_file_keeps_data_until_close(mounts: FuseMounts, mnt: Path) -> None:
     data = os.urandom(2 * MiB)
     with open(mnt / "tmp", "w+b") as f:
         f.write(data)
@@ -382,7 +291,7 @@ def test_unlinked_open_file_keeps_data_until_close(mounts: Mounts, mnt: Path) ->
         assert s.get_volume("v").used == 0
 
 
-def test_fsync_survives_sigkill_of_the_daemon(mounts: Mounts, mnt: Path) -> None:
+def test_fsync_survives_sigkill_of_the_daemon(mounts: FuseMounts, mnt: Path) -> None:
     (mnt / "d").mkdir()
     fd = os.open(mnt / "d", os.O_RDONLY)
     try:
@@ -406,7 +315,7 @@ def test_fsync_survives_sigkill_of_the_daemon(mounts: Mounts, mnt: Path) -> None
     assert (mnt / "d").is_dir()
 
 
-def test_sigterm_flushes_and_unmounts(mounts: Mounts, mnt: Path) -> None:
+def test_sigterm_flushes_and_unmounts(mounts: FuseMounts, mnt: Path) -> None:
     data = os.urandom(MiB)
     (mnt / "f").write_bytes(data)
     daemon = mounts.daemon(mnt)
@@ -417,7 +326,7 @@ def test_sigterm_flushes_and_unmounts(mounts: Mounts, mnt: Path) -> None:
     assert (mnt / "f").read_bytes() == data
 
 
-def test_request_flush_makes_a_snapshot_hold_every_write(mounts: Mounts, mnt: Path) -> None:
+def test_request_flush_makes_a_snapshot_hold_every_write(mounts: FuseMounts, mnt: Path) -> None:
     data = os.urandom(300_000)
     (mnt / "f").write_bytes(data)
     (mnt / "dir").mkdir()
@@ -432,7 +341,7 @@ def test_request_flush_makes_a_snapshot_hold_every_write(mounts: Mounts, mnt: Pa
     assert errno_of(lambda: request_flush(mounts.tmp)) == errno.ENOENT  # not a mount
 
 
-def test_read_only_and_snapshot_mounts(mounts: Mounts, mnt: Path) -> None:
+def test_read_only_and_snapshot_mounts(mounts: FuseMounts, mnt: Path) -> None:
     (mnt / "f").write_text("version 1")
     request_flush(mnt)
     with Store(mounts.store) as s:
@@ -450,7 +359,7 @@ def test_read_only_and_snapshot_mounts(mounts: Mounts, mnt: Path) -> None:
     assert errno_of(lambda: os.setxattr(ro / "f", "user.a", b"1")) == errno.EROFS
 
 
-def test_second_read_write_mount_of_a_volume_is_refused(mounts: Mounts, mnt: Path) -> None:
+def test_second_read_write_mount_of_a_volume_is_refused(mounts: FuseMounts, mnt: Path) -> None:
     with pytest.raises(RuntimeError, match="already mounted read-write"):
         mounts.mount("--volume", "v", at="again")
     assert not is_mounted(mounts.points / "again")
