@@ -18,6 +18,7 @@ Locking rules:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import struct
@@ -225,10 +226,10 @@ class _Txn:
         ly.write_layer(self.txn, self.dbs, ly.LayerRecord(layer, parent, family or layer, 1, False))
         return layer
 
-    def add_holders(self, layer: int, delta: int, freeze: bool = False) -> None:
+    def add_holders(self, layer: int, delta: int) -> None:
         rec = ly.read_layer(self.txn, self.dbs, layer)
         holders = rec.holders + delta
-        rec = replace(rec, holders=holders, frozen=rec.frozen or freeze)
+        rec = replace(rec, holders=holders)
         ly.write_layer(self.txn, self.dbs, rec)
         if holders <= 0:
             self.txn.put(ly.u64(layer), b"", db=self.dbs.gcqueue)
@@ -700,7 +701,7 @@ class Store:
     def _release_some(self, t: _Txn, layer: int, batch: int) -> None:
         txn, dbs = t.txn, self.dbs
         rec = ly.read_layer(txn, dbs, layer)
-        keys = list(_take(ly.iter_layer_keys(txn, dbs, layer), batch))
+        keys = list(itertools.islice(ly.iter_layer_keys(txn, dbs, layer), batch))
         for ekey in keys:
             vkey = ly.version_key(rec.family, ekey, layer)
             t.release_version(txn.get(vkey, db=dbs.entries))
@@ -731,7 +732,7 @@ class Store:
             return
         child = kids[0]
         below = self.lineages.get(txn, dbs, rec.parent) if rec.parent else None
-        keys = list(_take(ly.iter_layer_keys(txn, dbs, layer), batch))
+        keys = list(itertools.islice(ly.iter_layer_keys(txn, dbs, layer), batch))
         for ekey in keys:
             vkey = ly.version_key(rec.family, ekey, layer)
             ckey = ly.version_key(rec.family, ekey, child)
@@ -771,13 +772,6 @@ class Store:
             if progress:
                 progress(self.gc_pending())
         return steps + 1
-
-
-def _take(it: Iterator[bytes], n: int) -> Iterator[bytes]:
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
 
 
 def _check_capacity(capacity: int) -> None:
