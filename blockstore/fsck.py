@@ -64,6 +64,7 @@ Progress = Callable[[str, int, int], None]
 
 def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -> FsckReport:
     rep = FsckReport()
+    store.segments.settle()  # space freed before the check is given back, not "reclaimable"
     txn = store._begin(write=repair)
     after: list[Callable[[], None]] = []
     try:
@@ -133,7 +134,7 @@ def _check_segments(
             # commit and the deletion it allowed: wasted space, not damage.
             rep.reclaimable_bytes += path.stat().st_blocks * 512
             if repair:
-                after.append(functools.partial(files.release, [], [seg]))
+                after.append(functools.partial(files.release_now, [], [seg]))
             continue
         allocated = path.stat().st_blocks * 512
         live_ranges = sorted(ranges.get(seg, []))

@@ -20,6 +20,15 @@ Rules (all writers hold LMDB's write lock, so appends never race):
   record's blocks are punched out (``fallocate`` PUNCH_HOLE), and a sealed segment
   with no live bytes is deleted. A crash in between leaks space until
   ``fsck --repair`` punches it.
+- the punching is done by one background thread per process (``_Reclaimer``), off
+  the commit path: a punch costs about 95 µs here (30 µs of CPU, the rest waiting on
+  ext4's journal), one per rewritten chunk, and it held up every small random write.
+  Requests are handled in commit order and adjacent ranges of a batch are punched as
+  one; ``settle()`` waits for everything queued (``stats``, ``fsck`` and ``close``
+  call it). Freed ranges lie below a segment's recorded end and are never written
+  again, so a late punch cannot hit newer data.
+- reads of several chunks (``read_many``) read records that lie next to each other
+  with one pread of at most ``MAX_READ_BYTES``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import queue
 import struct
 import threading
 from pathlib import Path
@@ -39,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ALIGN = 4096
 SEGMENT_BYTES = 256 << 20
+MAX_READ_BYTES = 4 << 20  # one pread of neighbouring records reads at most this
 _LOC = struct.Struct(">QQI")
 _SEG = struct.Struct(">QQ")
 
@@ -79,6 +90,46 @@ def punch(fd: int, offset: int, length: int) -> None:
         raise OSError(err, f"punching a hole: {os.strerror(err)}")
 
 
+def coalesce(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(segment, offset, length) ranges sorted, with touching ones joined."""
+    out: list[tuple[int, int, int]] = []
+    for seg, off, length in sorted(ranges):
+        if out and out[-1][0] == seg and out[-1][1] + out[-1][2] == off:
+            out[-1] = (seg, out[-1][1], out[-1][2] + length)
+        else:
+            out.append((seg, off, length))
+    return out
+
+
+class _Reclaimer:
+    """A daemon thread that gives back freed space in the order it was freed."""
+
+    def __init__(self, files: SegmentFiles) -> None:
+        self.files = files
+        self.jobs: queue.Queue[tuple[list[tuple[int, int, int]], list[int]] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="segment-reclaimer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                self.files.release_now(*job)
+            except Exception:  # a failed punch leaks space, never data: keep going
+                log.exception("event=reclaim_failed")
+            finally:
+                self.jobs.task_done()
+
+    def settle(self) -> None:
+        self.jobs.join()
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
 class SegmentFiles:
     """This process's open segment files (one descriptor per segment, shared by threads)."""
 
@@ -87,6 +138,7 @@ class SegmentFiles:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._reclaimer: _Reclaimer | None = None
 
     def path(self, segment: int) -> Path:
         return self.dir / f"{segment:016x}.seg"
@@ -119,6 +171,37 @@ class SegmentFiles:
             raise Corrupt(f"segment {seg:016x} is short at offset {off}")
         return data
 
+    def read_many(self, locations: list[bytes]) -> list[memoryview]:
+        """The records at ``locations``, in order; neighbours on disk are read in one pread.
+
+        A file written sequentially has its chunks' records one after another, so a
+        batch of its chunks costs one large read (what the kernel's read-ahead
+        expects) instead of one 64 KiB read per chunk.
+        """
+        spans = [unpack_location(loc) for loc in locations]
+        out: list[memoryview | None] = [None] * len(spans)
+        order = sorted(range(len(spans)), key=lambda i: spans[i])
+        k = 0
+        while k < len(order):
+            seg, start, length = spans[order[k]]
+            end = start + length
+            group = [order[k]]
+            k += 1
+            while k < len(order):
+                s2, o2, n2 = spans[order[k]]
+                if s2 != seg or o2 != aligned(end) or o2 + n2 - start > MAX_READ_BYTES:
+                    break
+                group.append(order[k])
+                end = o2 + n2
+                k += 1
+            data = memoryview(os.pread(self.fd(seg), end - start, start))
+            if len(data) != end - start:
+                raise Corrupt(f"segment {seg:016x} is short at offset {start}")
+            for i in group:
+                _, off, n = spans[i]
+                out[i] = data[off - start : off - start + n]
+        return out  # type: ignore[return-value]
+
     def write(self, segment: int, offset: int, data: bytes) -> None:
         fd = self.fd(segment, create=True)
         view = memoryview(data)
@@ -131,8 +214,23 @@ class SegmentFiles:
             os.fdatasync(self.fd(seg))
 
     def release(self, ranges: list[tuple[int, int, int]], dead: list[int]) -> None:
-        """Give back freed records and dead segments (after their transaction committed)."""
-        for seg, off, length in ranges:
+        """Queue freed records and dead segments for the reclaimer (after their commit)."""
+        if not ranges and not dead:
+            return
+        with self._lock:
+            if self._reclaimer is None:
+                self._reclaimer = _Reclaimer(self)
+            self._reclaimer.jobs.put((ranges, dead))
+
+    def settle(self) -> None:
+        """Wait until everything released so far has been given back."""
+        reclaimer = self._reclaimer
+        if reclaimer is not None:
+            reclaimer.settle()
+
+    def release_now(self, ranges: list[tuple[int, int, int]], dead: list[int]) -> None:
+        """Punch freed records out and delete dead segments, in this thread."""
+        for seg, off, length in coalesce(ranges):
             if seg in dead:
                 continue
             try:
@@ -174,6 +272,11 @@ class SegmentFiles:
         return total
 
     def close(self) -> None:
+        with self._lock:
+            reclaimer, self._reclaimer = self._reclaimer, None
+        if reclaimer is not None:
+            reclaimer.settle()
+            reclaimer.stop()
         with self._lock:
             fds, self._fds = self._fds, {}
         for fd in fds.values():

@@ -87,12 +87,32 @@ class View:
 
     def read_chunk(self, key: bytes) -> bytes | None:
         """The bytes of the chunk stored under ``key``; None for a hole."""
-        value = self.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, ChunkRef):
-            raise InvalidArgument(f"entry {key!r} is not a chunk")
-        return self.store.read_chunk(value)
+        return self.read_chunks([key])[0]
+
+    def read_chunks(self, keys: list[bytes]) -> list[bytes | None]:
+        """The bytes of the chunks stored under ``keys`` (None for holes), in one transaction.
+
+        Chunks written one after another are read with one pread (see
+        ``SegmentFiles.read_many``); every chunk is verified against its hash.
+        """
+        store = self.store
+        with store._read() as txn:
+            lin, _ = self.lineage(txn)
+            refs: list[ChunkRef] = []
+            where: list[int] = []
+            for i, key in enumerate(keys):
+                value = ly.lookup(txn, store.dbs, lin, key)
+                if value is None:
+                    continue
+                if not isinstance(value, ChunkRef):
+                    raise InvalidArgument(f"entry {key!r} is not a chunk")
+                refs.append(value)
+                where.append(i)
+            datas = store._read_chunks(txn, refs) if refs else []
+        out: list[bytes | None] = [None] * len(keys)
+        for i, data in zip(where, datas, strict=True):
+            out[i] = data
+        return out
 
     def usage(self) -> tuple[int, int]:
         """(logical bytes used, capacity)."""

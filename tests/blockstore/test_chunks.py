@@ -140,6 +140,34 @@ def test_compression_that_saves_too_little_is_dropped() -> None:
     assert prep.codec == ch.CODEC_RAW
 
 
+@pytest.mark.parametrize(
+    ("name", "data", "codec"),
+    [
+        ("random", os.urandom(65536), ch.CODEC_RAW),
+        ("text", TEXT[:65536], ch.CODEC_ZSTD),
+        ("zeros then random", bytes(32768) + os.urandom(32768), ch.CODEC_ZSTD),
+        ("random then text", os.urandom(32768) + TEXT[:32768], ch.CODEC_ZSTD),
+        ("one random block repeated", os.urandom(16384) * 4, ch.CODEC_ZSTD),
+        ("small random", os.urandom(8192), ch.CODEC_RAW),
+        ("small text", TEXT[:8192], ch.CODEC_ZSTD),
+    ],
+)
+def test_the_probe_skips_compressing_only_incompressible_chunks(
+    name: str, data: bytes, codec: int
+) -> None:
+    prep = ch.prepare(data, 3)
+    assert prep.codec == codec, name
+    assert ch.decode(prep.digest, bytes((prep.codec,)) + prep.payload, len(data)) == data
+    if codec == ch.CODEC_ZSTD:
+        assert len(prep.payload) <= len(data) * 31 / 32
+
+
+def test_the_probe_judges_large_chunks_only() -> None:
+    assert ch.looks_incompressible(os.urandom(65536))
+    assert not ch.looks_incompressible(TEXT[:65536])
+    assert not ch.looks_incompressible(os.urandom(8192)), "small chunks are compressed outright"
+
+
 def test_compression_level_comes_from_the_store(store_dir: Path) -> None:
     with Store(store_dir, compression_level=0) as s:
         assert s.compression_level == 0
@@ -252,6 +280,91 @@ def test_damaged_chunk_reads_raise_corrupt(
     assert v.get(b"k") == ref
     with pytest.raises(Corrupt):
         v.read_chunk(b"k")
+
+
+# -- reading many chunks at once -------------------------------------------------
+
+
+def test_read_chunks_returns_each_chunk_in_the_order_asked(store: Store) -> None:
+    store.create_volume("v", 64 << 20)
+    v = store.volume("v")
+    datas = {b"k%03d" % i: os.urandom(65536 if i % 3 else 5000) for i in range(96)}
+    datas[b"text"] = TEXT
+    with v.batch() as b:  # one transaction: neighbours on disk
+        for key, data in datas.items():
+            b.put_chunk(key, store.prepare_chunk(data))
+    keys = list(datas)
+    order = keys[::-1] + keys[:7] + [b"absent", b"k001"]
+    got = v.read_chunks(order)
+    assert got == [datas.get(k) for k in order]
+    assert got[-2] is None
+    # 96 chunks of up to 64 KiB span more than one bounded pread.
+    assert sum(len(d) for d in datas.values()) > 4 << 20
+    refs = v.get_many(keys)
+    assert all(isinstance(r, ChunkRef) for r in refs)
+    assert store.read_chunks([r for r in refs if isinstance(r, ChunkRef)]) == list(datas.values())
+
+
+def test_read_chunks_verifies_every_chunk(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    datas = [os.urandom(8192) for _ in range(5)]
+    with v.batch() as b:
+        for i, data in enumerate(datas):
+            b.put_chunk(b"k%d" % i, store.prepare_chunk(data))
+    ref = v.get(b"k2")
+    assert isinstance(ref, ChunkRef)
+    stored = raw_record(store, ref.digest)
+    write_record(store, ref.digest, stored[:100] + bytes([stored[100] ^ 1]) + stored[101:])
+    with pytest.raises(Corrupt):
+        v.read_chunks([b"k0", b"k1", b"k2", b"k3"])
+    assert v.read_chunks([b"k0", b"k1", b"k3", b"k4"]) == [datas[i] for i in (0, 1, 3, 4)]
+    v.put(b"plain", b"value")
+    with pytest.raises(InvalidArgument):
+        v.read_chunks([b"k0", b"plain"])
+
+
+# -- giving space back ---------------------------------------------------------------
+
+
+def test_coalesce_joins_touching_ranges_per_segment() -> None:
+    from blockstore.segments import coalesce
+
+    ranges = [(2, 8192, 4096), (1, 0, 4096), (1, 4096, 8192), (1, 20480, 4096), (2, 0, 8192)]
+    assert coalesce(ranges) == [(1, 0, 12288), (1, 20480, 4096), (2, 0, 12288)]
+    assert coalesce([]) == []
+
+
+def test_overwritten_chunks_are_punched_out_in_the_background(store: Store) -> None:
+    store.create_volume("v", 64 << 20)
+    v = store.volume("v")
+    with v.batch() as b:
+        for i in range(64):
+            b.put_chunk(b"k%d" % i, store.prepare_chunk(os.urandom(65536)))
+    before = store.stats().file_bytes
+    with v.batch() as b:
+        for i in range(64):
+            b.put_chunk(b"k%d" % i, store.prepare_chunk(os.urandom(65536)))
+    store.segments.settle()
+    after = store.stats().file_bytes  # stats waits for the reclaimer too
+    # The first 64 records (4 MiB) were punched out: the files hold about as much as before.
+    assert after < before + (1 << 20), (before, after)
+    assert not fsck(store).problems
+    assert fsck(store).reclaimable_bytes < 64 * 4096
+
+
+def test_close_waits_for_space_to_be_given_back(store_dir: Path) -> None:
+    with Store(store_dir) as s:
+        s.create_volume("v", 64 << 20)
+        v = s.volume("v")
+        for _ in range(3):
+            with v.batch() as b:
+                for i in range(32):
+                    b.put_chunk(b"k%d" % i, s.prepare_chunk(os.urandom(65536)))
+    with Store(store_dir) as s:
+        report = fsck(s)
+        assert not report.problems
+        assert report.reclaimable_bytes < 32 * 4096, "nothing freed before close was left behind"
 
 
 def test_decode_checks_length_and_output_bound() -> None:
