@@ -15,7 +15,8 @@ which counts as success. Callers that bind-mount a volume elsewhere should ask
 the mount the daemon serves (the staging path), not a read-only bind.
 
 This module imports neither pyfuse3 nor trio: the CSI plugin and the command line
-use it without loading the FUSE stack.
+use it without loading the FUSE stack. It also holds the package's one reader of
+the kernel's mount table (``find_mount``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import errno
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,18 +35,34 @@ FLUSH_XATTR_BYTES = FLUSH_XATTR.encode()
 FSTYPE = "fuse.fusedrive"
 
 
-def _mount_fstype(mountpoint: Path) -> str | None:
-    """The filesystem type of the topmost mount exactly at ``mountpoint``, if any."""
-    target = os.path.realpath(mountpoint)
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, the fields fusedrive needs."""
+
+    device: str  # major:minor
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
+    """The topmost mount exactly at ``mountpoint`` (compared as given: pass a resolved path).
+
+    Reads /proc/self/mountinfo and never touches the mount itself: stat(2) of a FUSE
+    mount waits for its daemon, which may be dead or be the caller.
+    """
+    target = os.fspath(mountpoint)
     found = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields, rfields = left.split(), right.split()
-            if len(fields) > 4 and rfields:
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                if point == target:
-                    found = rfields[0]
+            if len(fields) > 4 and len(rfields) > 1 and _unescape(fields[4]) == target:
+                found = MountEntry(fields[2], rfields[0], _unescape(rfields[1]))
     return found
 
 
@@ -56,7 +74,8 @@ def request_flush(mountpoint: Path) -> None:
     EIO). Returns at once for read-only mounts.
     """
     mp = Path(mountpoint)
-    fstype = _mount_fstype(mp)
+    entry = find_mount(os.path.realpath(mp))
+    fstype = entry.fstype if entry is not None else None
     if fstype != FSTYPE:
         raise OSError(errno.ENOENT, f"{mp} is not a fusedrive mount (found {fstype or 'no mount'})")
     try:

@@ -46,6 +46,8 @@ from pathlib import Path
 
 from blockstore import Busy, StoreError
 
+from .control import find_mount
+
 log = logging.getLogger(__name__)
 
 KIND_VOLUME = "volume"
@@ -214,24 +216,10 @@ def flush_volume_mounts(store: Path, volume: str) -> None:
 # -- the kernel's mount table -------------------------------------------------------------
 
 
-def _unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
     """(fstype, source) of the topmost mount at ``mountpoint``, or None if none is there."""
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if (
-                len(fields) > 4
-                and len(rfields) > 1
-                and _unescape_mountinfo(fields[4]) == str(mountpoint)
-            ):
-                found = (rfields[0], _unescape_mountinfo(rfields[1]))
-    return found
+    entry = find_mount(mountpoint)
+    return None if entry is None else (entry.fstype, entry.source)
 
 
 def mountpoint_path(text: str | os.PathLike[str]) -> Path:

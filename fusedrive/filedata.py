@@ -734,7 +734,8 @@ class FileData:
 
     def fetch(self, ino: int, indexes: list[int]) -> list[tuple[int, bytes]]:
         """Read chunks from the store (thread-safe: touches only the store)."""
-        return [(i, self.view.read_chunk(chunk_key(ino, i)) or b"") for i in indexes]
+        datas = self.view.read_chunks([chunk_key(ino, i) for i in indexes])
+        return [(i, data or b"") for i, data in zip(indexes, datas, strict=True)]
 
     def fill_cache(self, ino: int, chunks: list[tuple[int, bytes]], epoch: int) -> None:
         """Insert fetched chunks unless a commit happened since ``epoch`` was read."""

@@ -54,7 +54,7 @@ import trio
 from blockstore import Busy, InvalidArgument, StoreError
 from blockstore import Store as _Store
 
-from .control import FLUSH_XATTR_BYTES
+from .control import FLUSH_XATTR_BYTES, find_mount
 from .errors import FlushNeeded, FsError, translate
 from .filedata import FlushJob
 from .filesystem import Filesystem, StatFs
@@ -77,6 +77,7 @@ READ_AHEAD_BYTES = 4 * 1024 * 1024  # measured: cold sequential reads 1.5x, 2 Mi
 READ_AHEAD_TASKS = 4
 # glibc malloc (see ``_keep_freed_memory``): allocations up to MALLOC_MMAP_BYTES come
 # from the heap, and up to MALLOC_KEEP_BYTES of freed heap stays with the process.
+READ_AHEAD_KB = 1024  # the mount's kernel read-ahead (the kernel's default: 128 KiB)
 MALLOC_MMAP_BYTES = 4 * 1024 * 1024
 MALLOC_KEEP_BYTES = 64 * 1024 * 1024
 _M_TRIM_THRESHOLD = -1
@@ -397,6 +398,22 @@ class Operations(pyfuse3.Operations):
         self.flusher = Flusher(fs)
         self.fetcher = Fetcher(fs)
         self.largest_write = 0  # observed request size, reported at unmount
+        self.mount_path: str | None = None  # resolved mount point, for tuning after INIT
+
+    def init(self) -> None:
+        """The kernel's INIT request is being answered: tune the mount right after.
+
+        The kernel sets the mount's read-ahead while it takes our INIT reply, so
+        ``tune_read_ahead`` must run after that: a task started here runs once the
+        handler that called us has sent the reply.
+        """
+        nursery, path = self.flusher.nursery, self.mount_path
+        if nursery is not None and path is not None:
+
+            async def tune() -> None:
+                tune_read_ahead(path)
+
+            nursery.start_soon(tune)
 
     # -- names ---------------------------------------------------------------------------------
     async def lookup(
@@ -711,6 +728,27 @@ def _keep_freed_memory() -> None:
         log.warning("event=mallopt_failed")
 
 
+def tune_read_ahead(mountpoint: str, kib: int = READ_AHEAD_KB) -> bool:
+    """Raise the kernel's read-ahead for the mount at ``mountpoint`` (a resolved path).
+
+    Root only (sysfs); True if it was set.
+
+    With the default 128 KiB the kernel asks a FUSE daemon for 256 KiB at a time
+    during sequential reads and keeps few requests in flight; 1 MiB was measured
+    here to read a cold 1 GiB file about 1.2x faster (4 MiB was no better).
+    """
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return False
+    dev = entry.device
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:  # not root, or /sys read-only: the default still works
+        log.debug("event=read_ahead_not_set device=%s error=%s", dev, exc)
+        return False
+    return True
+
+
 def _serve_fs(
     fs: Filesystem,
     mountpoint: Path,
@@ -722,6 +760,7 @@ def _serve_fs(
 ) -> None:
     _keep_freed_memory()
     ops = Operations(fs)
+    ops.mount_path = os.path.realpath(mountpoint)  # now: once mounted, lstat asks the daemon
     opts = mount_options(name, read_only=read_only, allow_other=allow_other, debug=debug)
     try:
         pyfuse3.init(ops, str(mountpoint), opts)

@@ -123,6 +123,19 @@ def test_writes_of_one_mib_arrive_whole(mounts: FuseMounts, mnt: Path) -> None:
     assert "largest_write=1048576" in d.output()
 
 
+def test_the_mount_reads_ahead_a_mib(mnt: Path) -> None:
+    from fusedrive.control import find_mount
+    from fusedrive.fuse_adapter import READ_AHEAD_KB
+
+    entry = find_mount(os.path.realpath(mnt))
+    assert entry is not None and entry.fstype == "fuse.fusedrive"
+    setting = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+    assert int(setting.read_text()) == READ_AHEAD_KB == 1024
+    data = os.urandom(5 * MiB)
+    (mnt / "f").write_bytes(data)
+    assert (mnt / "f").read_bytes() == data
+
+
 def test_statfs_shows_the_capacity(mounts: FuseMounts) -> None:
     mounts.volume("v", capacity=48 * MiB)
     mnt = mounts.mount("--volume", "v")
