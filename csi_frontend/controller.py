@@ -277,6 +277,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             self.plugin.store.get_volume(vid)
             if params:
                 self.plugin.store.set_parameters(vid, params)
+                self.plugin.flush_volume(vid)  # a live mount compresses at the new level
         return csi_pb2.ControllerModifyVolumeResponse()
 
     def ControllerPublishVolume(self, req, context):

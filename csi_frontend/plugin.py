@@ -78,7 +78,8 @@ class Plugin:
 
         Called before CreateSnapshot and before a clone of a live volume, so the
         snapshot holds every write that returned before the request, and after an
-        expansion, so the mount reports the new capacity.
+        expansion or a change of parameters, so the mount reports the new capacity
+        and compresses at the new level.
         """
         rec = self.state.get(volume_id)
         if rec is None or not rec.staging_path:

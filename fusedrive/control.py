@@ -3,7 +3,7 @@
 The only request is a flush: ``request_flush(mountpoint)`` returns once the daemon
 serving ``mountpoint`` has committed every write that returned before the call
 (so a snapshot cut right after holds them all), and has picked up a change of the
-volume's capacity (a block volume's image grows with it).
+volume's capacity (a block volume's image grows with it) and compression level.
 
 Mechanism: ``setxattr(mountpoint, "trusted.fusedrive.flush", b"1")``. The kernel
 passes it to the daemon as a setxattr request on the root inode, which the daemon

@@ -458,10 +458,15 @@ class Filesystem(Namespace):
 
     @fs_op
     def refresh(self) -> list[int]:
-        """Pick up a new capacity; returns the inodes that changed (a grown disk image)."""
+        """Pick up a new capacity and compression level; returns inodes that changed.
+
+        (A block volume's disk image grows with its capacity.)
+        """
         if self.read_only:
             return []
         self.data.refresh_usage()
+        params = self.store.get_volume(self.view.name).parameters
+        self.data.level = _param_int(params, "compression_level", self.store.compression_level)
         grown = self._grow_disk_image()
         return [grown] if grown else []
 

@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 import pytest
 
+from blockstore import Store
 from csi_frontend.client import CsiClient
 from csi_frontend.proto import csi_pb2
 
@@ -290,6 +291,15 @@ class Csi:
 
     def call(self, method: str, request: Any = None) -> Any:
         return self.client.call(method, request)
+
+    @contextlib.contextmanager
+    def open_store(self) -> Iterator[Store]:
+        """The plugin's store, opened by this test process (LMDB is multi-process)."""
+        store = Store(self.plugin.store, create=False)
+        try:
+            yield store
+        finally:
+            store.close()
 
     def error(self, method: str, request: Any, code: grpc.StatusCode) -> grpc.RpcError:
         """Call ``method``, expect ``code``; every error needs a message and no details."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,14 +34,9 @@ MiB = 1 << 20
 ESCAPING_IDS = ("../x", "a/b", ".hidden", "../../etc/passwd", "x/../../y")
 
 
-@contextlib.contextmanager
-def open_store(csi: Csi) -> Iterator[Store]:
+def open_store(csi: Csi) -> contextlib.AbstractContextManager[Store]:
     """The plugin's store, opened by this test process (LMDB is multi-process)."""
-    store = Store(csi.plugin.store, create=False)
-    try:
-        yield store
-    finally:
-        store.close()
+    return csi.open_store()
 
 
 def fill(csi: Csi, volume_id: str, chunks: int = 8) -> dict[bytes, bytes]:

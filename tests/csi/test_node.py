@@ -446,6 +446,47 @@ def test_controller_expand_of_a_staged_mount_volume_shows_at_once(csi: Csi, node
 
 
 @pytest.mark.needs_fuse
+def test_controller_modify_of_a_staged_volume_changes_compression_at_once(
+    csi: Csi, node_dir: Path
+) -> None:
+    texts = {
+        name: b"".join(b"%s %d of a log that compresses well\n" % (name, i) for i in range(120_000))
+        for name in (b"a", b"b")  # different bytes: no chunk of one dedups against the other
+    }
+    vol = csi.create_volume(size=64 * MiB, parameters={"compression_level": "3"})
+    staging = node_dir / "staging"
+    stage(csi, vol.volume_id, staging)
+    try:
+
+        def stored_after_writing(name: bytes) -> int:
+            with csi.open_store() as store:
+                before = store.stats().stored_bytes
+            (staging / name.decode()).write_bytes(texts[name])
+            snap = csi.call(
+                "CreateSnapshot",
+                pb.CreateSnapshotRequest(source_volume_id=vol.volume_id, name=csi.unique("s")),
+            ).snapshot  # flushes the live mount
+            csi.call("DeleteSnapshot", pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+            with csi.open_store() as store:
+                return store.stats().stored_bytes - before
+
+        compressed = stored_after_writing(b"a")
+        assert compressed < len(texts[b"a"]) // 4
+        csi.call(
+            "ControllerModifyVolume",
+            pb.ControllerModifyVolumeRequest(
+                volume_id=vol.volume_id, mutable_parameters={"compression_level": "0"}
+            ),
+        )
+        stored = stored_after_writing(b"b")
+        assert stored > len(texts[b"b"]), (compressed, stored)  # raw, plus a codec byte each
+        assert (staging / "a").read_bytes() == texts[b"a"]
+        assert (staging / "b").read_bytes() == texts[b"b"]
+    finally:
+        unstage(csi, vol.volume_id, staging)
+
+
+@pytest.mark.needs_fuse
 def test_a_dead_fuse_daemon_shows_abnormal_and_the_volume_still_tears_down(
     csi: Csi, node_dir: Path
 ) -> None:
