@@ -318,18 +318,29 @@ def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def cmd_volume_delete(args: argparse.Namespace, out: Output) -> int:
+def _delete(args: argparse.Namespace, out: Output, kind: str) -> int:
+    """Delete a volume or a snapshot that is not mounted; space waits for gc."""
     with _open_store(args) as store:
-        store.get_volume(args.name)
-        refuse_if_mounted(store.path, KIND_VOLUME, args.name)
-        store.delete_volume(args.name)
+        if kind == KIND_VOLUME:
+            store.get_volume(args.name)
+        else:
+            store.get_snapshot(args.name)
+        refuse_if_mounted(store.path, kind, args.name)
+        if kind == KIND_VOLUME:
+            store.delete_volume(args.name)
+        else:
+            store.delete_snapshot(args.name)
         pending = store.gc_pending()
     if out.json:
-        out.data({"deleted": args.name, "kind": "volume", "gc_pending_layers": pending})
+        out.data({"deleted": args.name, "kind": kind, "gc_pending_layers": pending})
     else:
         hint = "; run `fusedrive gc` to release its space" if pending else ""
-        out.say(f"deleted volume {args.name!r}{hint}")
+        out.say(f"deleted {kind} {args.name!r}{hint}")
     return EXIT_OK
+
+
+def cmd_volume_delete(args: argparse.Namespace, out: Output) -> int:
+    return _delete(args, out, KIND_VOLUME)
 
 
 def cmd_volume_expand(args: argparse.Namespace, out: Output) -> int:
@@ -398,17 +409,7 @@ def cmd_snapshot_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_snapshot_delete(args: argparse.Namespace, out: Output) -> int:
-    with _open_store(args) as store:
-        store.get_snapshot(args.name)
-        refuse_if_mounted(store.path, KIND_SNAPSHOT, args.name)
-        store.delete_snapshot(args.name)
-        pending = store.gc_pending()
-    if out.json:
-        out.data({"deleted": args.name, "kind": "snapshot", "gc_pending_layers": pending})
-    else:
-        hint = "; run `fusedrive gc` to release its space" if pending else ""
-        out.say(f"deleted snapshot {args.name!r}{hint}")
-    return EXIT_OK
+    return _delete(args, out, KIND_SNAPSHOT)
 
 
 def _exists(get: Callable[[str], object], name: str) -> bool:
