@@ -24,7 +24,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 typecheck: setup
-	$(VENV)/bin/mypy blockstore
+	$(VENV)/bin/mypy blockstore fusedrive csi_frontend
 
 pytest: setup
 	$(PY) -m pytest -q

@@ -128,7 +128,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 "accessibility requirements exclude it",
             )
 
-    def CreateVolume(self, req, context):
+    def CreateVolume(
+        self, req: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:
         name = v.string(req.name, "name")
         caps = v.capabilities(req.volume_capabilities)
         mode = MODE_BLOCK if v.is_block(caps) else MODE_FILESYSTEM
@@ -169,7 +171,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         if source_mode != mode:
             raise invalid(f"source is a {source_mode} volume; the request asks for {mode}")
 
-    def DeleteVolume(self, req, context):
+    def DeleteVolume(
+        self, req: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         v.mapping(req.secrets, "secrets")
         with self.plugin.operation(vid):
@@ -184,7 +188,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 self.plugin.store.delete_volume(vid)
         return csi_pb2.DeleteVolumeResponse()
 
-    def ValidateVolumeCapabilities(self, req, context):
+    def ValidateVolumeCapabilities(
+        self, req: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         if not req.volume_capabilities:
             raise invalid("volume_capabilities are required")
@@ -209,7 +215,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         resp.confirmed.mutable_parameters.update(req.mutable_parameters)
         return resp
 
-    def ListVolumes(self, req, context):
+    def ListVolumes(
+        self, req: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListVolumesResponse:
         vols = {i.name: i for i in self.plugin.store.list_volumes()}
         page, token = paginate(list(vols), req.max_entries, req.starting_token)
         resp = csi_pb2.ListVolumesResponse(next_token=token)
@@ -228,7 +236,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             )
         return csi_pb2.VolumeCondition(abnormal=False, message="volume is healthy")
 
-    def ControllerGetVolume(self, req, context):
+    def ControllerGetVolume(
+        self, req: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         info = self.plugin.store.get_volume(vid)
         resp = csi_pb2.ControllerGetVolumeResponse()
@@ -236,7 +246,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         resp.status.volume_condition.CopyFrom(self._condition(vid))
         return resp
 
-    def GetCapacity(self, req, context):
+    def GetCapacity(
+        self, req: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetCapacityResponse:
         v.capabilities(req.volume_capabilities, required=False)
         v.parameters(req.parameters, v.KNOWN_PARAMETERS)
         if req.HasField("accessible_topology"):
@@ -248,13 +260,17 @@ class Controller(csi_pb2_grpc.ControllerServicer):
         resp.minimum_volume_size.value = MIN_CAPACITY
         return resp
 
-    def ControllerGetCapabilities(self, req, context):
+    def ControllerGetCapabilities(
+        self, req: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
         resp = csi_pb2.ControllerGetCapabilitiesResponse()
         for rpc in CAPABILITIES:
             resp.capabilities.add().rpc.type = rpc
         return resp
 
-    def ControllerExpandVolume(self, req, context):
+    def ControllerExpandVolume(
+        self, req: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         if not req.HasField("capacity_range"):
             raise invalid("capacity_range is required")
@@ -270,7 +286,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             capacity_bytes=info.capacity, node_expansion_required=info.mode == MODE_BLOCK
         )
 
-    def ControllerModifyVolume(self, req, context):
+    def ControllerModifyVolume(
+        self, req: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         params = v.parameters(req.mutable_parameters, v.MUTABLE_PARAMETERS)
         with self.plugin.operation(vid):
@@ -280,14 +298,20 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                 self.plugin.flush_volume(vid)  # a live mount compresses at the new level
         return csi_pb2.ControllerModifyVolumeResponse()
 
-    def ControllerPublishVolume(self, req, context):
+    def ControllerPublishVolume(
+        self, req: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
         raise CsiError(grpc.StatusCode.UNIMPLEMENTED, "ControllerPublishVolume is not supported")
 
-    def ControllerUnpublishVolume(self, req, context):
+    def ControllerUnpublishVolume(
+        self, req: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
         raise CsiError(grpc.StatusCode.UNIMPLEMENTED, "ControllerUnpublishVolume is not supported")
 
     # -- snapshots ----------------------------------------------------------
-    def CreateSnapshot(self, req, context):
+    def CreateSnapshot(
+        self, req: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
         name = v.string(req.name, "name")
         vid = v.object_id(req.source_volume_id, "source_volume_id")
         v.mapping(req.parameters, "parameters")
@@ -311,14 +335,18 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             snap = store.create_snapshot(vid, sid)
         return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(snap))
 
-    def DeleteSnapshot(self, req, context):
+    def DeleteSnapshot(
+        self, req: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
         sid = v.object_id(req.snapshot_id, "snapshot_id")
         v.mapping(req.secrets, "secrets")
         with self.plugin.operation(sid), contextlib.suppress(NotFound):
             self.plugin.store.delete_snapshot(sid)
         return csi_pb2.DeleteSnapshotResponse()
 
-    def ListSnapshots(self, req, context):
+    def ListSnapshots(
+        self, req: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
         store = self.plugin.store
         if req.snapshot_id:
             try:
@@ -336,7 +364,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             resp.entries.add().snapshot.CopyFrom(snapshot_message(by_id[sid]))
         return resp
 
-    def GetSnapshot(self, req, context):
+    def GetSnapshot(
+        self, req: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
         sid = v.object_id(req.snapshot_id, "snapshot_id")
         snap = self.plugin.store.get_snapshot(sid)
         return csi_pb2.GetSnapshotResponse(snapshot=snapshot_message(snap))

@@ -16,19 +16,25 @@ class Identity(csi_pb2_grpc.IdentityServicer):
     def __init__(self, plugin: Plugin) -> None:
         self.plugin = plugin
 
-    def GetPluginInfo(self, req, context):
+    def GetPluginInfo(
+        self, req: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:
         return csi_pb2.GetPluginInfoResponse(
             name=self.plugin.config.driver_name, vendor_version=VERSION
         )
 
-    def GetPluginCapabilities(self, req, context):
+    def GetPluginCapabilities(
+        self, req: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:
         resp = csi_pb2.GetPluginCapabilitiesResponse()
         for svc in (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS):
             resp.capabilities.add().service.type = svc
         resp.capabilities.add().volume_expansion.type = Expansion.ONLINE
         return resp
 
-    def Probe(self, req, context):
+    def Probe(
+        self, req: csi_pb2.ProbeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ProbeResponse:
         try:
             self.plugin.store.stats()
         except Exception as exc:

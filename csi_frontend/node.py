@@ -117,7 +117,9 @@ class Node(csi_pb2_grpc.NodeServicer):
             self._unmount(rec.staging_path)
 
     # -- stage -------------------------------------------------------------------
-    def NodeStageVolume(self, req, context):
+    def NodeStageVolume(
+        self, req: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         staging = v.path(req.staging_target_path, "staging_target_path")
         if not req.HasField("volume_capability"):
@@ -148,7 +150,9 @@ class Node(csi_pb2_grpc.NodeServicer):
             self.plugin.state.put(rec)
         return csi_pb2.NodeStageVolumeResponse()
 
-    def NodeUnstageVolume(self, req, context):
+    def NodeUnstageVolume(
+        self, req: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         staging = v.path(req.staging_target_path, "staging_target_path")
         with self.plugin.operation(vid):
@@ -169,7 +173,9 @@ class Node(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeUnstageVolumeResponse()
 
     # -- publish -----------------------------------------------------------------
-    def NodePublishVolume(self, req, context):
+    def NodePublishVolume(
+        self, req: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         target = v.path(req.target_path, "target_path")
         if not req.HasField("volume_capability"):
@@ -181,6 +187,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         read_only = req.readonly or cap.access_mode.mode in v.READ_ONLY_MODES
         ephemeral = context_map.get(EPHEMERAL_KEY) == "true"
         with self.plugin.operation(vid):
+            rec: VolumeRecord | None
             if ephemeral:
                 rec = self._ephemeral_stage(vid, context_map, block)
             else:
@@ -243,7 +250,9 @@ class Node(csi_pb2_grpc.NodeServicer):
         self.plugin.state.put(rec)
         return rec
 
-    def NodeUnpublishVolume(self, req, context):
+    def NodeUnpublishVolume(
+        self, req: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         target = v.path(req.target_path, "target_path")
         with self.plugin.operation(vid):
@@ -276,7 +285,9 @@ class Node(csi_pb2_grpc.NodeServicer):
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid!r} is not available at {path}")
         return rec
 
-    def NodeGetVolumeStats(self, req, context):
+    def NodeGetVolumeStats(
+        self, req: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         path = v.path(req.volume_path, "volume_path")
         rec = self._record_for_path(vid, path)
@@ -307,7 +318,9 @@ class Node(csi_pb2_grpc.NodeServicer):
         resp.volume_condition.message = "volume is healthy"
         return resp
 
-    def NodeExpandVolume(self, req, context):
+    def NodeExpandVolume(
+        self, req: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         path = v.path(req.volume_path, "volume_path")
         with self.plugin.operation(vid):
@@ -324,13 +337,17 @@ class Node(csi_pb2_grpc.NodeServicer):
                 loopdev.refresh_size(rec.loop_device)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=info.capacity)
 
-    def NodeGetCapabilities(self, req, context):
+    def NodeGetCapabilities(
+        self, req: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:
         resp = csi_pb2.NodeGetCapabilitiesResponse()
         for rpc in CAPABILITIES:
             resp.capabilities.add().rpc.type = rpc
         return resp
 
-    def NodeGetInfo(self, req, context):
+    def NodeGetInfo(
+        self, req: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.plugin.config.node_id,
             max_volumes_per_node=self.plugin.config.max_volumes_per_node,

@@ -78,7 +78,7 @@ class Metrics:
                 ):
                     yield GaugeMetricFamily(name, doc, value=value)
 
-        self.registry.register(StoreCollector())  # type: ignore[arg-type]
+        self.registry.register(StoreCollector())
         host, _, port = (address or "").rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
         log.info("event=metrics_listening address=%s", address)
