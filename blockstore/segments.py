@@ -179,7 +179,7 @@ class SegmentFiles:
         expects) instead of one 64 KiB read per chunk.
         """
         spans = [unpack_location(loc) for loc in locations]
-        out: list[memoryview | None] = [None] * len(spans)
+        out = [memoryview(b"")] * len(spans)  # every place is filled below
         order = sorted(range(len(spans)), key=lambda i: spans[i])
         k = 0
         while k < len(order):
@@ -200,7 +200,7 @@ class SegmentFiles:
             for i in group:
                 _, off, n = spans[i]
                 out[i] = data[off - start : off - start + n]
-        return out  # type: ignore[return-value]
+        return out
 
     def write(self, segment: int, offset: int, data: bytes) -> None:
         fd = self.fd(segment, create=True)

@@ -626,12 +626,8 @@ class Store:
             raise Corrupt(f"chunk {ref.digest.hex()[:16]} is missing")
         return ch.decode(ref.digest, self.segments.read(location), ref.raw_length)
 
-    def read_chunks(self, refs: list[ChunkRef]) -> list[bytes]:
-        """``read_chunk`` of several chunks: one transaction, neighbours read together."""
-        with self._read() as txn:
-            return self._read_chunks(txn, refs)
-
     def _read_chunks(self, txn: lmdb.Transaction, refs: list[ChunkRef]) -> list[bytes]:
+        """``read_chunk`` of several chunks in ``txn``; neighbours on disk are read together."""
         locations = []
         for ref in refs:
             location = txn.get(ref.digest, db=self.dbs.chunks)

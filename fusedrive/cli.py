@@ -321,15 +321,14 @@ def cmd_volume_list(args: argparse.Namespace, out: Output) -> int:
 def _delete(args: argparse.Namespace, out: Output, kind: str) -> int:
     """Delete a volume or a snapshot that is not mounted; space waits for gc."""
     with _open_store(args) as store:
+        get: Callable[[str], object]
         if kind == KIND_VOLUME:
-            store.get_volume(args.name)
+            get, delete = store.get_volume, store.delete_volume
         else:
-            store.get_snapshot(args.name)
+            get, delete = store.get_snapshot, store.delete_snapshot
+        get(args.name)  # not found: exit code 3, before looking at mounts
         refuse_if_mounted(store.path, kind, args.name)
-        if kind == KIND_VOLUME:
-            store.delete_volume(args.name)
-        else:
-            store.delete_snapshot(args.name)
+        delete(args.name)
         pending = store.gc_pending()
     if out.json:
         out.data({"deleted": args.name, "kind": kind, "gc_pending_layers": pending})
