@@ -579,6 +579,7 @@ def measure_throughput(work: Path, cfg: Config, progress: Progress) -> dict[str,
 
 def store_state(store: Store) -> dict[str, int]:
     """Space counters and LMDB page use: pages in the file, in use, and free."""
+    store.segments.settle()  # space freed so far is given back before it is counted
     st = store.stats()
     env = store.env
     total = env.info()["last_pgno"] + 1

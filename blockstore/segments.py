@@ -24,7 +24,7 @@ Rules (all writers hold LMDB's write lock, so appends never race):
   the commit path: a punch costs about 95 µs here (30 µs of CPU, the rest waiting on
   ext4's journal), one per rewritten chunk, and it held up every small random write.
   Requests are handled in commit order and adjacent ranges of a batch are punched as
-  one; ``settle()`` waits for everything queued (``stats``, ``fsck`` and ``close``
+  one; ``settle()`` waits for everything queued (``fsck`` and ``close``
   call it). Freed ranges lie below a segment's recorded end and are never written
   again, so a late punch cannot hit newer data.
 - reads of several chunks (``read_many``) read records that lie next to each other

@@ -650,7 +650,10 @@ class Store:
 
     # -- space and release -------------------------------------------------
     def stats(self) -> StoreStats:
-        self.segments.settle()  # file_bytes counts space given back so far
+        """Counters and space. ``file_bytes`` may still count records freed moments ago
+        whose space the reclaimer has not given back yet (``segments.settle()`` waits;
+        closing the store does too): a metrics scrape must not wait for a large release.
+        """
         with self._read() as txn:
             counters = {c: self._meta_int(txn, c.encode()) for c in COUNTERS}
             entries = txn.stat(self.dbs.entries)["entries"]

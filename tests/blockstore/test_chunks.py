@@ -344,7 +344,7 @@ def test_overwritten_chunks_are_punched_out_in_the_background(store: Store) -> N
         for i in range(64):
             b.put_chunk(b"k%d" % i, store.prepare_chunk(os.urandom(65536)))
     store.segments.settle()
-    after = store.stats().file_bytes  # stats waits for the reclaimer too
+    after = store.stats().file_bytes
     # The first 64 records (4 MiB) were punched out: the files hold about as much as before.
     assert after < before + (1 << 20), (before, after)
     assert not fsck(store).problems
