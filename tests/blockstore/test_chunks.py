@@ -351,6 +351,26 @@ def test_overwritten_chunks_are_punched_out_in_the_background(store: Store) -> N
     assert fsck(store).reclaimable_bytes < 64 * 4096
 
 
+def test_a_failed_punch_is_logged_and_later_space_is_still_given_back(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.create_volume("v", 64 << 20)
+    v = store.volume("v")
+    with caplog.at_level(logging.WARNING, logger="blockstore.segments"):
+        store.segments.release([(0xDEAD, 0, 4096)], [])  # no such segment file
+        store.segments.settle()
+    assert "punch_failed" in caplog.text
+    with v.batch() as b:
+        for i in range(16):
+            b.put_chunk(b"k%d" % i, store.prepare_chunk(os.urandom(65536)))
+    with v.batch() as b:
+        for i in range(16):
+            b.put_chunk(b"k%d" % i, store.prepare_chunk(os.urandom(65536)))
+    report = fsck(store)  # waits for the reclaimer first
+    assert not report.problems
+    assert report.reclaimable_bytes < 16 * 4096, "the reclaimer kept working"
+
+
 def test_close_waits_for_space_to_be_given_back(store_dir: Path) -> None:
     with Store(store_dir) as s:
         s.create_volume("v", 64 << 20)
