@@ -462,10 +462,7 @@ def test_controller_modify_of_a_staged_volume_changes_compression_at_once(
             with csi.open_store() as store:
                 before = store.stats().stored_bytes
             (staging / name.decode()).write_bytes(texts[name])
-            snap = csi.call(
-                "CreateSnapshot",
-                pb.CreateSnapshotRequest(source_volume_id=vol.volume_id, name=csi.unique("s")),
-            ).snapshot  # flushes the live mount
+            snap = csi.create_snapshot(vol.volume_id)  # flushes the live mount
             csi.call("DeleteSnapshot", pb.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
             with csi.open_store() as store:
                 return store.stats().stored_bytes - before
