@@ -46,7 +46,6 @@ measurement, not an error: the exit code is 0 and the misses are listed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
@@ -72,6 +71,8 @@ from rich.table import Table
 
 from fusedrive.filesystem import DEFAULT_CACHE_LIMIT, DEFAULT_DIRTY_LIMIT
 from fusedrive.fuse_adapter import ATTR_TIMEOUT
+
+from . import command
 
 log = logging.getLogger(__name__)
 
@@ -888,32 +889,22 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.fio_bench", description=__doc__.split("\n\n")[0]
+    args = command.parse(
+        argv,
+        prog="python -m benchmarks.fio_bench",
+        doc=__doc__ or "",
+        default_out=DEFAULT_OUT,
+        default_tmp=DEFAULT_TMP,
+        quick_help="smaller sizes (a few minutes)",
+        tmp_help=(
+            "where the store, the plain directory and the mount points live; "
+            "must be on the disk under test"
+        ),
     )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument(
-        "--plot", type=Path, default=None, help="PNG plot (default: --out with .png)"
-    )
-    parser.add_argument(
-        "--tmp-dir",
-        type=Path,
-        default=DEFAULT_TMP,
-        help="where the store, the plain directory and the mount points live; "
-        "must be on the disk under test",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.out.suffix != ".json":
-        parser.error(f"--out must name a .json file, not {str(args.out)!r}")
-    if args.out.exists() and not args.out.is_file():
-        parser.error(f"--out {str(args.out)!r} exists and is not a file")
-    plot = args.plot or args.out.with_suffix(".png")
     cfg = QUICK if args.quick else Config()
     console = Console()
     try:
-        run(cfg, args.out, plot, args.tmp_dir, console, mode="quick" if args.quick else "full")
+        run(cfg, args.out, args.plot, args.tmp_dir, console, mode=args.mode)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1

@@ -23,7 +23,6 @@ target is a measurement, not an error: the exit code is 0 and the misses are lis
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import datetime
@@ -59,6 +58,7 @@ from rich.progress import (
 
 from blockstore import Store
 
+from . import command
 from .store_report import LATENCY_OPS, evaluate_targets, print_summary, write_plot
 
 log = logging.getLogger(__name__)
@@ -794,31 +794,19 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.store_bench", description=__doc__.split("\n\n")[0]
+    args = command.parse(
+        argv,
+        prog="python -m benchmarks.store_bench",
+        doc=__doc__ or "",
+        default_out=DEFAULT_OUT,
+        default_tmp=DEFAULT_TMP,
+        quick_help="smaller sizes (about a minute)",
+        tmp_help="where the temporary stores live; must be on the disk under test",
     )
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (about a minute)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
-    parser.add_argument(
-        "--plot", type=Path, default=None, help="PNG plot (default: --out with .png)"
-    )
-    parser.add_argument(
-        "--tmp-dir",
-        type=Path,
-        default=DEFAULT_TMP,
-        help="where the temporary stores live; must be on the disk under test",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.out.suffix != ".json":
-        parser.error(f"--out must name a .json file, not {str(args.out)!r}")
-    if args.out.exists() and not args.out.is_file():
-        parser.error(f"--out {str(args.out)!r} exists and is not a file")
-    plot = args.plot or args.out.with_suffix(".png")
     cfg = QUICK if args.quick else Config()
     console = Console()
     try:
-        run(cfg, args.out, plot, args.tmp_dir, console, mode="quick" if args.quick else "full")
+        run(cfg, args.out, args.plot, args.tmp_dir, console, mode=args.mode)
     except OSError as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1

@@ -216,12 +216,6 @@ def flush_volume_mounts(store: Path, volume: str) -> None:
 # -- the kernel's mount table -------------------------------------------------------------
 
 
-def mount_entry(mountpoint: Path) -> tuple[str, str] | None:
-    """(fstype, source) of the topmost mount at ``mountpoint``, or None if none is there."""
-    entry = find_mount(mountpoint)
-    return None if entry is None else (entry.fstype, entry.source)
-
-
 def mountpoint_path(text: str | os.PathLike[str]) -> Path:
     """The absolute path of a mount point without touching it (a dead FUSE mount fails stat)."""
     p = Path(os.path.abspath(os.path.expanduser(os.fspath(text))))
@@ -250,7 +244,7 @@ def check_mountpoint(target: Path) -> None:
     rec = read_record(record_path(target))
     if rec is not None and daemon_alive(rec):
         raise MountError(f"{target} is already mounted by fusedrive (pid {rec.pid})")
-    if mount_entry(target) is not None:
+    if find_mount(target) is not None:
         raise MountError(f"{target} is already a mount point")
     if not target.exists():
         raise MountError(f"mount point {target} does not exist")
@@ -417,7 +411,7 @@ def unmount(target: Path, *, lazy: bool = False, timeout: float = 60.0) -> Mount
     path = record_path(target)
     rec = read_record(path)
     alive = rec is not None and daemon_alive(rec)
-    entry = mount_entry(target)
+    entry = find_mount(target)
     if entry is None:
         if rec is None:
             raise MountError(f"{target} is not a fusedrive mount")
@@ -425,7 +419,7 @@ def unmount(target: Path, *, lazy: bool = False, timeout: float = 60.0) -> Mount
             _remove_record(path, rec.pid)
             raise MountError(f"{target} is not mounted (removed the record of its dead daemon)")
     else:
-        fstype, source = entry
+        fstype, source = entry.fstype, entry.source
         # A mount without a record (another runtime directory, a daemon started by
         # hand) is still ours if its file system type or source says so.
         ours = rec is not None or "fusedrive" in fstype or "fusedrive" in source
