@@ -100,7 +100,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0][0]
-    names = ["sha256", "zstd", "lmdb_put", "store", "store_pipelined"]
+    names = ["hash", "zstd", "lmdb_put", "store", "store_pipelined"]
     width = 0.4
     for j, kind in enumerate(("random", "text")):
         vals = [results["write_throughput"][kind]["mibps"][n] for n in names]

@@ -1,9 +1,14 @@
 """Chunks: content-addressed, compressed, reference-counted file data.
 
-A chunk is at most ``MAX_CHUNK_SIZE`` bytes. It is stored once under the sha256
-of its raw bytes and verified against that hash on every read: a mismatch raises
-``Corrupt``, wrong bytes are never returned. All-zero chunks are holes and are
-never stored (``prepare`` marks them, callers turn them into deletions).
+A chunk is at most ``MAX_CHUNK_SIZE`` bytes. It is stored once under the hash of
+its raw bytes and verified against that hash on every read: a mismatch raises
+``Corrupt``, wrong bytes are never returned. The hash is cryptographic (a tenant
+who could forge collisions could read another tenant's data) and one per store,
+recorded when the store is created: blake3 for new stores, sha256 for stores made
+before blake3 became the default (both 32 bytes). Measured on this 2-core VM with
+64 KiB chunks: sha256 37 µs (OpenSSL with SHA-NI), blake3 11 µs; every chunk read
+verifies, so the hash is a large part of a random 4 KiB read's CPU. All-zero chunks
+are holes and are never stored (``prepare`` marks them, callers turn them into deletions).
 
 Hashing and compression happen in ``prepare`` outside any LMDB transaction (both
 release the GIL, so callers may run them in worker threads); the write
@@ -38,6 +43,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+import blake3
 import zstandard
 
 from .errors import Corrupt, InvalidArgument
@@ -75,8 +81,17 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def digest_of(data: bytes | memoryview) -> bytes:
-    return hashlib.sha256(data).digest()
+HASHES = ("blake3", "sha256")
+DEFAULT_HASH = "blake3"
+
+
+def digest_of(data: bytes | memoryview, algorithm: str = DEFAULT_HASH) -> bytes:
+    """The chunk hash of ``data`` (``algorithm`` is one of ``HASHES``)."""
+    if algorithm == "blake3":
+        return blake3.blake3(data).digest()
+    if algorithm == "sha256":
+        return hashlib.sha256(data).digest()
+    raise InvalidArgument(f"unknown chunk hash {algorithm!r} (known: {', '.join(HASHES)})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,14 +121,16 @@ def is_zero(data: bytes | memoryview) -> bool:
     return mv == bytes(len(mv))
 
 
-def prepare(data: bytes | memoryview, level: int = 3) -> PreparedChunk:
+def prepare(
+    data: bytes | memoryview, level: int = 3, algorithm: str = DEFAULT_HASH
+) -> PreparedChunk:
     """Hash and compress ``data``; all-zero data yields ``HOLE``."""
     if len(data) > MAX_CHUNK_SIZE:
         raise InvalidArgument(f"chunk of {len(data)} bytes exceeds {MAX_CHUNK_SIZE}")
     if is_zero(data):
         return HOLE
     raw = bytes(data)
-    digest = digest_of(raw)
+    digest = digest_of(raw, algorithm)
     if level > 0 and not looks_incompressible(raw):
         packed = _compressor(level).compress(raw)
         if len(packed) <= len(raw) * (1 - _MIN_SAVING):
@@ -143,7 +160,12 @@ def unpack_refs(value: bytes) -> tuple[int, int, int]:
     return count, raw, stored
 
 
-def decode(digest: bytes, stored: bytes | memoryview, raw_length: int | None = None) -> bytes:
+def decode(
+    digest: bytes,
+    stored: bytes | memoryview,
+    raw_length: int | None = None,
+    algorithm: str = DEFAULT_HASH,
+) -> bytes:
     """Turn a ``chunks`` value back into raw bytes, verifying the hash."""
     if not stored:
         raise Corrupt(f"chunk {digest.hex()[:16]} has an empty record")
@@ -159,6 +181,6 @@ def decode(digest: bytes, stored: bytes | memoryview, raw_length: int | None = N
         raise Corrupt(f"chunk {digest.hex()[:16]} has unknown codec {codec}")
     if raw_length is not None and len(raw) != raw_length:
         raise Corrupt(f"chunk {digest.hex()[:16]} has {len(raw)} bytes, expected {raw_length}")
-    if digest_of(raw) != digest:
+    if digest_of(raw, algorithm) != digest:
         raise Corrupt(f"chunk {digest.hex()[:16]} does not match its hash")
     return raw

@@ -246,7 +246,7 @@ def _check(
             continue
         try:
             stored = _read_record(store, location)
-            ch.decode(digest, stored, raw_len)
+            ch.decode(digest, stored, raw_len, store.chunk_hash)
         except Corrupt as exc:
             rep.unfixable.append(str(exc))
             stored = b""
@@ -284,7 +284,7 @@ def _check(
         # Referenced bytes without a record: rebuild the record, never drop the data.
         try:
             stored = _read_record(store, location)
-            raw_len = len(ch.decode(digest, stored))
+            raw_len = len(ch.decode(digest, stored, None, store.chunk_hash))
         except Corrupt as exc:
             rep.unfixable.append(str(exc))
             continue

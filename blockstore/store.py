@@ -254,8 +254,12 @@ class Store:
         *,
         create: bool = True,
         compression_level: int | None = None,
+        chunk_hash: str = ch.DEFAULT_HASH,
         map_size: int = DEFAULT_MAP_SIZE,
     ) -> None:
+        """Open the store at ``path``, creating it if ``create``. ``chunk_hash`` applies
+        to a new store only: an existing store keeps the hash it was created with."""
+        ch.digest_of(b"", chunk_hash)  # InvalidArgument for an unknown hash
         self.path = Path(path)
         if not self.path.exists():
             if not create:
@@ -286,12 +290,18 @@ class Store:
                     DEFAULT_COMPRESSION_LEVEL if compression_level is None else compression_level
                 )
                 t.txn.put(b"compression_level", _U64.pack(level), db=self.dbs.meta)
+                t.txn.put(b"chunk_hash", chunk_hash.encode(), db=self.dbs.meta)
             elif _U64.unpack(fmt)[0] != FORMAT_VERSION:
                 raise InvalidArgument(f"store format {_U64.unpack(fmt)[0]} is not supported")
             if compression_level is not None:
                 t.txn.put(b"compression_level", _U64.pack(compression_level), db=self.dbs.meta)
         with self._read() as txn:
             self.compression_level = self._meta_int(txn, b"compression_level")
+            # Stores created before the hash was recorded hash with sha256.
+            self.chunk_hash = bytes(txn.get(b"chunk_hash", b"sha256", db=self.dbs.meta)).decode()
+        if self.chunk_hash not in ch.HASHES:
+            self.close()
+            raise Corrupt(f"store {self.path} names an unknown chunk hash {self.chunk_hash!r}")
 
     # -- plumbing ---------------------------------------------------------
     def close(self) -> None:
@@ -615,7 +625,7 @@ class Store:
 
     def prepare_chunk(self, data: bytes | memoryview, level: int | None = None) -> ch.PreparedChunk:
         """Hash and compress ``data`` (no lock held; safe to call from worker threads)."""
-        return ch.prepare(data, self.compression_level if level is None else level)
+        return ch.prepare(data, self.compression_level if level is None else level, self.chunk_hash)
 
     def read_chunk(self, ref: ChunkRef) -> bytes:
         """The raw bytes of a chunk, verified against its hash (``Corrupt`` if not)."""
@@ -624,7 +634,7 @@ class Store:
         if location is None:
             # An entry names a chunk that is gone: the store is damaged (fsck says so).
             raise Corrupt(f"chunk {ref.digest.hex()[:16]} is missing")
-        return ch.decode(ref.digest, self.segments.read(location), ref.raw_length)
+        return ch.decode(ref.digest, self.segments.read(location), ref.raw_length, self.chunk_hash)
 
     def _read_chunks(self, txn: lmdb.Transaction, refs: list[ChunkRef]) -> list[bytes]:
         """``read_chunk`` of several chunks in ``txn``; neighbours on disk are read together."""
@@ -636,7 +646,8 @@ class Store:
             locations.append(location)
         records = self.segments.read_many(locations)
         return [
-            ch.decode(r.digest, rec, r.raw_length) for r, rec in zip(refs, records, strict=True)
+            ch.decode(r.digest, rec, r.raw_length, self.chunk_hash)
+            for r, rec in zip(refs, records, strict=True)
         ]
 
     def locate_chunk(self, digest: bytes) -> tuple[Path, int, int]:

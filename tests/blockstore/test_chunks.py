@@ -11,12 +11,14 @@ cannot.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -191,6 +193,55 @@ def test_compression_level_comes_from_the_store(store_dir: Path) -> None:
         assert v.read_chunk(b"raw") == TEXT
         assert v.read_chunk(b"z19") == TEXT + b"!"
         assert fsck(s).clean
+
+
+def test_a_new_store_hashes_chunks_with_blake3(store: Store) -> None:
+    assert store.chunk_hash == "blake3"
+    store.create_volume("v", 1 << 20)
+    store.volume("v").put_chunk(b"k", TEXT)
+    ref = store.volume("v").get(b"k")
+    assert isinstance(ref, ChunkRef)
+    assert ref.digest == blake3.blake3(TEXT).digest()
+    assert ref.digest != hashlib.sha256(TEXT).digest()
+
+
+@pytest.mark.parametrize("made_with", ["sha256", "blake3"])
+def test_a_store_keeps_the_hash_it_was_made_with(store_dir: Path, made_with: str) -> None:
+    with Store(store_dir, chunk_hash=made_with) as s:
+        s.create_volume("v", 1 << 20)
+        s.volume("v").put_chunk(b"a", TEXT)
+    other = "blake3" if made_with == "sha256" else "sha256"
+    # The argument applies to new stores only: reopening never rehashes or misreads.
+    with Store(store_dir, chunk_hash=other) as s:
+        assert s.chunk_hash == made_with
+        v = s.volume("v")
+        v.put_chunk(b"b", TEXT)  # the same bytes dedup against the first chunk
+        assert s.stats().chunk_count == 1
+        ref = v.get(b"b")
+        assert isinstance(ref, ChunkRef)
+        assert ref.digest == ch.digest_of(TEXT, made_with)
+        assert v.read_chunk(b"a") == v.read_chunk(b"b") == TEXT
+        assert fsck(s).clean
+
+
+def test_a_store_made_before_the_hash_was_recorded_is_read_as_sha256(store_dir: Path) -> None:
+    with Store(store_dir, chunk_hash="sha256") as s:
+        s.create_volume("v", 1 << 20)
+        s.volume("v").put_chunk(b"a", TEXT)
+        write_behind(s, s.dbs.meta, b"chunk_hash", None)
+    with Store(store_dir) as s:
+        assert s.chunk_hash == "sha256"
+        assert s.volume("v").read_chunk(b"a") == TEXT
+        assert fsck(s).clean
+
+
+def test_an_unknown_chunk_hash_is_refused(store_dir: Path) -> None:
+    with pytest.raises(InvalidArgument, match="unknown chunk hash 'md5'"):
+        Store(store_dir, chunk_hash="md5")
+    with Store(store_dir) as s:
+        write_behind(s, s.dbs.meta, b"chunk_hash", b"crc32")
+    with pytest.raises(Corrupt, match="unknown chunk hash 'crc32'"):
+        Store(store_dir)
 
 
 def test_same_data_at_two_levels_is_one_chunk(store_dir: Path) -> None:

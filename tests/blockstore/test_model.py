@@ -43,6 +43,7 @@ from blockstore import (
     View,
     fsck,
 )
+from blockstore import chunks as ch
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +431,7 @@ class StoreModel(RuleBasedStateMachine):
         else:
             assert isinstance(got, ChunkRef), (key, got)
             assert got.raw_length == len(want[1])
-            assert got.digest == hashlib.sha256(want[1]).digest()
+            assert got.digest == ch.digest_of(want[1], self.store.chunk_hash)
             if read:
                 assert self.store.read_chunk(got) == want[1]
 
