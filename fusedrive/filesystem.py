@@ -327,8 +327,24 @@ class Filesystem(Namespace):
         if off + len(data) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
         node.size = self.data.write(node.ino, node.size, off, data, self.has_pending())
+        if self.handles[fh].flags & os.O_DIRECT:
+            self._drop_set_id_bits(node)
         self._touch(node)
         return len(data)
+
+    @staticmethod
+    def _drop_set_id_bits(node: Inode) -> None:
+        """Clear set-user-ID (and set-group-ID on group-executable files) after a write.
+
+        The kernel does this itself before a write through its page cache, but
+        leaves it to the filesystem for handles opened O_DIRECT (the adapter serves
+        those with FUSE direct I/O), and pyfuse3 does not pass on whether the
+        writer may keep the bits (CAP_FSETID): they are dropped for every writer,
+        the safe side.
+        """
+        kill = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
+        if node.mode & kill:
+            node.mode &= ~kill
 
     def _set_size(self, node: Inode, size: int) -> None:
         self.data.truncate(node.ino, node.size, size)

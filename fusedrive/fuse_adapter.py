@@ -112,6 +112,23 @@ class _fuse_errors:  # lower case: it reads like a function, ``with _fuse_errors
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
+def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
+    """How the kernel should treat an open file.
+
+    O_DIRECT opens get FUSE direct I/O: the caller asked to bypass the page cache,
+    and the kernel then skips what it does for cached writes, among them asking
+    ``getxattr("security.capability")`` before every write (one more round trip
+    per write: random 4 KiB O_DIRECT writes measured 2.0-2.1k IOPS with it,
+    2.3-2.4k without). Pages other opens cached are dropped when they next read,
+    since the write changes the file's mtime. Shared writable mmap of such a handle
+    fails with ENODEV (the kernel's rule for direct I/O files). Other opens keep
+    the page cache across opens: this process is the only writer.
+    """
+    if flags & os.O_DIRECT:
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+    return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+
 def _entry(a: Attributes) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
@@ -506,14 +523,14 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _fuse_errors("open"):
             # keep_cache: this process is the only writer, so the page cache stays valid.
-            return pyfuse3.FileInfo(fh=self.fs.open(inode, flags), keep_cache=True)
+            return _file_info(self.fs.open(inode, flags), flags)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with _fuse_errors("create"):
             fh, a = self.fs.create(parent_inode, name, mode, flags, Ctx(ctx.uid, ctx.gid))
-            return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(a)
+            return _file_info(fh, flags), _entry(a)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _fuse_errors("read"):

@@ -192,6 +192,28 @@ def test_append_handle_writes_at_the_end(vol: Volume) -> None:
     assert read_all(fs, ino) == b"first\nsecond\n"
 
 
+@pytest.mark.parametrize(
+    ("mode", "after"),
+    [(0o6755, 0o0755), (0o6745, 0o2745), (0o4700, 0o0700), (0o0755, 0o0755)],
+)
+def test_o_direct_writes_drop_set_id_bits(vol: Volume, mode: int, after: int) -> None:
+    # The kernel clears these itself before cached writes; for O_DIRECT handles
+    # (served with FUSE direct I/O) it leaves that to us. Set-group-ID without
+    # group execute is mandatory locking, not privilege, and stays.
+    fs = vol.fs
+    ino = write_file(fs, b"tool", b"#!/bin/sh\n")
+    fs.setattr(ino, mode=stat.S_IFREG | mode)
+    fh = fs.open(ino, os.O_RDWR)
+    fs.write(fh, 0, b"#")
+    fs.release(fh)
+    assert stat.S_IMODE(fs.getattr(ino).mode) == mode  # cached writes: the kernel's business
+    fh = fs.open(ino, os.O_RDWR | os.O_DIRECT)
+    fs.write(fh, 0, b"#")
+    fs.release(fh)
+    assert stat.S_IMODE(fs.getattr(ino).mode) == after
+    assert stat.S_IMODE(vol.reopen().getattr(ino).mode) == after
+
+
 def test_punch_hole_zeroes_and_releases_whole_chunks(vol: Volume) -> None:
     fs = vol.fs
     data = os.urandom(6 * 4096)

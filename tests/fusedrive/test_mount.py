@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import signal
 import socket
@@ -121,6 +122,39 @@ def test_writes_of_one_mib_arrive_whole(mounts: FuseMounts, mnt: Path) -> None:
             f.write(os.urandom(MiB))
     d = mounts.unmount(mnt)
     assert "largest_write=1048576" in d.output()
+
+
+def test_o_direct_writes_reach_cached_readers_and_drop_set_id_bits(
+    mounts: FuseMounts, mnt: Path
+) -> None:
+    data = bytearray(os.urandom(MiB))
+    (mnt / "f").write_bytes(data)
+    os.chmod(mnt / "f", 0o6755)
+    with open(mnt / "f", "rb", buffering=0) as cached:
+        assert cached.read() == data  # the file's pages are now in the page cache
+        fd = os.open(mnt / "f", os.O_RDWR | os.O_DIRECT)  # served with FUSE direct I/O
+        try:
+            for off in (0, 4096, 300_001, MiB - 10):  # the last one grows the file
+                patch = os.urandom(777)
+                assert os.pwrite(fd, patch, off) == len(patch)
+                data[off : off + len(patch)] = patch
+            assert os.pread(fd, len(data), 0) == data
+            # The handle is served with FUSE direct I/O, where the kernel refuses
+            # shared mappings (there is no page cache to share).
+            with pytest.raises(OSError) as info:
+                mmap.mmap(fd, 4096, mmap.MAP_SHARED)
+            assert info.value.errno == errno.ENODEV
+        finally:
+            os.close(fd)
+        cached.seek(0)
+        assert cached.read() == data  # stale cached pages were dropped
+    assert (mnt / "f").read_bytes() == data
+    # Root keeps set-ID bits on cached writes (CAP_FSETID); O_DIRECT writes drop them
+    # for every writer, as the daemon cannot tell who writes.
+    assert stat.S_IMODE(os.stat(mnt / "f").st_mode) == 0o0755
+    mounts.unmount(mnt)
+    mounts.mount("--volume", "v")
+    assert (mnt / "f").read_bytes() == data
 
 
 def test_the_mount_reads_ahead_a_mib(mnt: Path) -> None:
