@@ -3,14 +3,15 @@
 One file, a long seeded sequence of random operations: writes, truncates (up and
 down, across chunk boundaries and far past the end), reads at random offsets and
 sizes (many just around the chunk size and 1 MiB, the kernel's largest request),
-reads through mmap, fsync, close and reopen, and one clean unmount and remount in
-the middle. A bytearray is the model: every read, every size and the whole file
-after the remount and at the end must match it. The run is bounded by time and by
-a number of operations, whichever comes first; the sequence depends only on the
-seed, so a failure is replayed with ``FUSEDRIVE_FSX_SEED`` (and
-``FUSEDRIVE_FSX_OPS`` to stop at the failing operation). On a mismatch the test
-reports the seed and the tail of the operation log and writes the whole log next
-to the store.
+reads through mmap, writes and reads through a second descriptor opened O_DIRECT
+(served with FUSE direct I/O, beside the cached one), fsync, close and reopen, and
+one clean unmount and remount in the middle. A bytearray is the model: every read,
+every size and the whole file after the remount and at the end must match it. The
+run is bounded by time and by a number of operations, whichever comes first; the
+sequence depends only on the seed, so a failure is replayed with
+``FUSEDRIVE_FSX_SEED`` (and ``FUSEDRIVE_FSX_OPS`` to stop at the failing
+operation). On a mismatch the test reports the seed and the tail of the operation
+log and writes the whole log next to the store.
 
 Two passes: the default 64 KiB chunks, and 4 KiB chunks (``chunk_size`` volume
 parameter) where every page boundary is a chunk boundary.
@@ -45,6 +46,8 @@ FAR = 24 * MiB
 WEIGHTS = {
     "write": 30,
     "read": 30,
+    "direct_write": 8,
+    "direct_read": 4,
     "truncate": 10,
     "mapread": 6,
     "fsync": 3,
@@ -70,6 +73,7 @@ class Exerciser:
         self.ops = 0
         self.mnt = fuse_mounts.mount("--volume", volume, at=volume)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.dfd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
 
     @property
     def path(self) -> Path:
@@ -79,6 +83,13 @@ class Exerciser:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.dfd = os.open(self.path, os.O_RDWR | os.O_DIRECT)
 
     # -- choosing offsets, sizes and data ---------------------------------------------------------
     def boundary(self, limit: int) -> int:
@@ -146,22 +157,29 @@ class Exerciser:
         if size != len(self.model):
             self.fail(f"file size {size}, expected {len(self.model)}")
 
-    def write(self) -> None:
+    def write(self, direct: bool = False) -> None:
         off = self.offset(FILE_SPAN)
         body = self.data(self.size())
-        self.note(f"write {off} +{len(body)}")
-        n = os.pwrite(self.fd, body, off)
+        self.note(f"{'direct ' if direct else ''}write {off} +{len(body)}")
+        n = os.pwrite(self.dfd if direct else self.fd, body, off)
         if n != len(body):
             self.fail(f"short write: {n} of {len(body)} bytes")
         if len(self.model) < off:
             self.model.extend(bytes(off - len(self.model)))
         self.model[off : off + len(body)] = body
 
-    def read(self) -> None:
+    def read(self, direct: bool = False) -> None:
         off = self.offset(len(self.model) + 2 * self.cs)
         n = self.size()
-        self.note(f"read {off} +{n}")
-        self.compare(os.pread(self.fd, n, off), off, n, "read")
+        self.note(f"{'direct ' if direct else ''}read {off} +{n}")
+        got = os.pread(self.dfd if direct else self.fd, n, off)
+        self.compare(got, off, n, "direct read" if direct else "read")
+
+    def direct_write(self) -> None:
+        self.write(direct=True)
+
+    def direct_read(self) -> None:
+        self.read(direct=True)
 
     def mapread(self) -> None:
         if not self.model:
@@ -194,7 +212,7 @@ class Exerciser:
     def reopen(self) -> None:
         self.note("close, reopen")
         self.close()
-        self.fd = os.open(self.path, os.O_RDWR)
+        self.open()
 
     def verify_whole(self, how: str) -> None:
         got = self.path.read_bytes()
@@ -206,7 +224,7 @@ class Exerciser:
         self.env.unmount(self.mnt)
         self.mnt = self.env.mount("--volume", self.volume, at=self.volume)
         self.verify_whole("after the remount")
-        self.fd = os.open(self.path, os.O_RDWR)
+        self.open()
 
     def run(self, seconds: float, max_ops: int) -> int:
         names = list(WEIGHTS)

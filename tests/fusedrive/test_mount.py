@@ -130,14 +130,18 @@ def test_o_direct_writes_reach_cached_readers_and_drop_set_id_bits(
     data = bytearray(os.urandom(MiB))
     (mnt / "f").write_bytes(data)
     os.chmod(mnt / "f", 0o6755)
-    with open(mnt / "f", "rb", buffering=0) as cached:
-        assert cached.read() == data  # the file's pages are now in the page cache
+    with (
+        open(mnt / "f", "rb", buffering=0) as cached,
+        mmap.mmap(cached.fileno(), MiB, mmap.MAP_SHARED, mmap.PROT_READ) as mapped,
+    ):
+        assert cached.read() == data == mapped[:]  # the pages are in the page cache now
         fd = os.open(mnt / "f", os.O_RDWR | os.O_DIRECT)  # served with FUSE direct I/O
         try:
             for off in (0, 4096, 300_001, MiB - 10):  # the last one grows the file
                 patch = os.urandom(777)
                 assert os.pwrite(fd, patch, off) == len(patch)
                 data[off : off + len(patch)] = patch
+                assert mapped[:] == data[:MiB]  # a live mapping sees each write at once
             assert os.pread(fd, len(data), 0) == data
             # The handle is served with FUSE direct I/O, where the kernel refuses
             # shared mappings (there is no page cache to share).
