@@ -521,7 +521,9 @@ class FileData:
         for index in range(off // cs, (end - 1) // cs + 1):
             base = index * cs
             s, e = max(off, base) - base, min(end, base + cs) - base
-            length = self.visible(ino, size, index, False)[1]
+            # A partial write will need the chunk's bytes: fetching them now (they
+            # land in the cache) saves a second lookup when the buffer is made.
+            length = self.visible(ino, size, index, s > 0 or e < cs)[1]
             growth += max(0, e - length)
             plan.append((index, s, e, length))
         self.check_space(growth, n, pending)
