@@ -90,6 +90,7 @@ class StoreStats:
     file_bytes: int
     disk_free_bytes: int
     disk_total_bytes: int
+    chunk_hash: str
 
     @property
     def dedup_ratio(self) -> float:
@@ -691,6 +692,7 @@ class Store:
             file_bytes=file_bytes,
             disk_free_bytes=vfs.f_bavail * vfs.f_frsize,
             disk_total_bytes=vfs.f_blocks * vfs.f_frsize,
+            chunk_hash=self.chunk_hash,
             **counters,
         )
 

@@ -576,6 +576,7 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
         ("dedup ratio", f"{st.dedup_ratio:.2f}x"),
         ("compression ratio", f"{st.compression_ratio:.2f}x"),
         ("chunks / entries / layers", f"{st.chunk_count} / {st.entries} / {st.layers}"),
+        ("chunk hash", st.chunk_hash),
         ("layers waiting for gc", str(st.gc_pending_layers)),
         (
             "disk free",

@@ -324,6 +324,7 @@ def test_stats_json_and_table(fd, store_dir: Path) -> None:
     ):
         assert key in stats, key
     assert stats["chunk_count"] == 1 and stats["dedup_ratio"] == 2.0
+    assert stats["chunk_hash"] == "blake3"
     assert stats["volumes"] == 2 and stats["snapshots"] == 1
     per = {v["name"]: v for v in stats["per_volume"]}
     assert per["v"]["used"] == 128 * KiB and per["v"]["snapshots"] == 1
@@ -337,6 +338,7 @@ def test_stats_json_and_table(fd, store_dir: Path) -> None:
 
     res = fd("stats")
     assert res.code == 0 and "dedup ratio" in res.out and "2.00x" in res.out
+    assert "chunk hash" in res.out and "blake3" in res.out
 
 
 def test_gc_releases_deleted_volumes(fd, store_dir: Path) -> None:
