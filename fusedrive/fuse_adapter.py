@@ -523,7 +523,6 @@ class Operations(pyfuse3.Operations):
     # -- files ---------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _fuse_errors("open"):
-            # keep_cache: this process is the only writer, so the page cache stays valid.
             return _file_info(self.fs.open(inode, flags), flags)
 
     async def create(
