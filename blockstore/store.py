@@ -283,6 +283,14 @@ class Store:
         self.dbs = ly.Databases(self.env)
         self.lineages = ly.LineageCache()
         self.segments = SegmentFiles(self.path)
+        try:
+            self._settings(compression_level, chunk_hash)
+        except BaseException:
+            self.close()  # a store that cannot be used is not left open
+            raise
+
+    def _settings(self, compression_level: int | None, chunk_hash: str) -> None:
+        """Record a new store's settings, check an existing one's, and read them."""
         with self._write() as t:
             fmt = t.txn.get(b"format", db=self.dbs.meta)
             if fmt is None:
@@ -301,7 +309,6 @@ class Store:
             # Stores created before the hash was recorded hash with sha256.
             self.chunk_hash = bytes(txn.get(b"chunk_hash", b"sha256", db=self.dbs.meta)).decode()
         if self.chunk_hash not in ch.HASHES:
-            self.close()
             raise Corrupt(f"store {self.path} names an unknown chunk hash {self.chunk_hash!r}")
 
     # -- plumbing ---------------------------------------------------------

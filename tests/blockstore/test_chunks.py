@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
+import lmdb
 import pytest
 import zstandard
 
@@ -233,6 +234,27 @@ def test_a_store_made_before_the_hash_was_recorded_is_read_as_sha256(store_dir: 
         assert s.chunk_hash == "sha256"
         assert s.volume("v").read_chunk(b"a") == TEXT
         assert fsck(s).clean
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_store_that_cannot_be_used_is_not_left_open(store_dir: Path) -> None:
+    with Store(store_dir) as s:
+        write_behind(s, s.dbs.meta, b"format", struct.pack(">Q", 99))
+    before = open_fds()
+    failures = []  # kept: a traceback keeps the half-made store alive, closed or not
+    for _ in range(3):
+        with pytest.raises(InvalidArgument, match="store format 99 is not supported") as info:
+            Store(store_dir)
+        failures.append(info)
+    assert open_fds() == before  # the LMDB environment was closed, not left to the GC
+    with lmdb.open(str(store_dir), max_dbs=16) as env, env.begin(write=True) as txn:
+        # Put the format back by hand: the store opens again.
+        txn.put(b"format", struct.pack(">Q", 1), db=env.open_db(b"meta", txn=txn))
+    with Store(store_dir) as s:
+        assert s.chunk_hash == "blake3"
 
 
 def test_an_unknown_chunk_hash_is_refused(store_dir: Path) -> None:
