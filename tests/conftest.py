@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+
+from blockstore import Store
 
 # CI runs the property tests with a fixed seed, so a landing is judged on the same
 # examples every time; local runs keep exploring new ones.
@@ -69,3 +71,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture
 def store_dir(tmp_path: Path) -> Path:
     return tmp_path / "store"
+
+
+def _flip_stored_byte(store: Store, digest: bytes) -> None:
+    path, offset, length = store.locate_chunk(digest)
+    with open(path, "r+b") as f:
+        f.seek(offset + length - 1)
+        last = f.read(1)[0]
+        f.seek(offset + length - 1)
+        f.write(bytes((last ^ 0xFF,)))
+
+
+@pytest.fixture
+def flip_stored_byte() -> Callable[[Store, bytes], None]:
+    """Damage a chunk behind the store's back: flip the last byte of its stored record."""
+    return _flip_stored_byte

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,9 @@ def test_zero_chunks_are_holes(store: Store) -> None:
     assert store.stats().chunk_count == 0
 
 
-def test_dedup_and_corruption_detection(store: Store) -> None:
+def test_dedup_and_corruption_detection(
+    store: Store, flip_stored_byte: Callable[[Store, bytes], None]
+) -> None:
     store.create_volume("v", 1 << 20)
     v = store.volume("v")
     data = os.urandom(65536)
@@ -126,13 +129,7 @@ def test_dedup_and_corruption_detection(store: Store) -> None:
     assert st.chunk_count == 1 and st.dedup_ratio == 2.0
     ref = v.get(b"a")
     assert isinstance(ref, ChunkRef)
-    # Flip one stored byte behind the store's back.
-    path, offset, length = store.locate_chunk(ref.digest)
-    with open(path, "r+b") as f:
-        f.seek(offset + length - 1)
-        last = f.read(1)[0]
-        f.seek(offset + length - 1)
-        f.write(bytes((last ^ 0xFF,)))
+    flip_stored_byte(store, ref.digest)
     from blockstore import Corrupt
 
     with pytest.raises(Corrupt):

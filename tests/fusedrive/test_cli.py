@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,7 +260,9 @@ def test_ambiguous_clone_source_needs_a_kind(fd, store_dir: Path) -> None:
 # -- gc, fsck, stats -----------------------------------------------------------------------
 
 
-def test_fsck_clean_then_corrupt_chunk(fd, store_dir: Path) -> None:
+def test_fsck_clean_then_corrupt_chunk(
+    fd, store_dir: Path, flip_stored_byte: Callable[[Store, bytes], None]
+) -> None:
     assert fd("volume", "create", "v", "--size", "1MiB").code == 0
     _write_chunks(store_dir, "v", {b"a": os.urandom(8192), b"b": os.urandom(8192)})
     res = fd("fsck")
@@ -270,13 +272,7 @@ def test_fsck_clean_then_corrupt_chunk(fd, store_dir: Path) -> None:
     with Store(store_dir) as store:
         ref = store.volume("v").get(b"a")
         assert isinstance(ref, ChunkRef)
-        # Flip one stored byte behind the store's back.
-        path, offset, length = store.locate_chunk(ref.digest)
-        with open(path, "r+b") as f:
-            f.seek(offset + length - 1)
-            last = f.read(1)[0]
-            f.seek(offset + length - 1)
-            f.write(bytes((last ^ 0xFF,)))
+        flip_stored_byte(store, ref.digest)
 
     res = fd("fsck", "--json")
     assert res.code == 6
