@@ -114,6 +114,34 @@ class View:
             out[i] = data
         return out
 
+    def read_chunk_ranges(
+        self, ranges: list[tuple[bytes, bytes]]
+    ) -> list[list[tuple[bytes, bytes]]]:
+        """(key, bytes) of every chunk entry with ``start <= key < stop``, per range.
+
+        One transaction for all ranges; each range is one cursor walk in key order,
+        and the chunks are read as ``read_chunks`` reads them (verified, neighbours
+        on disk together). A plain value inside a range is an error.
+        """
+        store = self.store
+        with store._read() as txn:
+            lin, _ = self.lineage(txn)
+            refs: list[ChunkRef] = []
+            where: list[tuple[int, bytes]] = []
+            for i, (start, stop) in enumerate(ranges):
+                for key, value in ly.scan(txn, store.dbs, lin, b"", start):
+                    if key >= stop:
+                        break
+                    if not isinstance(value, ChunkRef):
+                        raise InvalidArgument(f"entry {key!r} is not a chunk")
+                    refs.append(value)
+                    where.append((i, key))
+            datas = store._read_chunks(txn, refs) if refs else []
+        out: list[list[tuple[bytes, bytes]]] = [[] for _ in ranges]
+        for (i, key), data in zip(where, datas, strict=True):
+            out[i].append((key, data))
+        return out
+
     def usage(self) -> tuple[int, int]:
         """(logical bytes used, capacity)."""
         if self._snapshot_layer is not None:
@@ -174,6 +202,10 @@ class Batch:
         self, prefix: bytes = b"", start: bytes | None = None
     ) -> Iterator[tuple[bytes, Value]]:
         return ly.scan(self._t.txn, self._dbs, self._lin, prefix, start)
+
+    def read_chunks(self, refs: list[ChunkRef]) -> list[bytes]:
+        """The bytes of stored chunks, read inside this transaction (verified)."""
+        return self.view.store._read_chunks(self._t.txn, refs) if refs else []
 
     def _visible_chunk_length(self, key: bytes) -> int:
         raw = ly.lookup_raw(self._t.txn, self._dbs, self._lin, key)

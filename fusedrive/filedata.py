@@ -27,11 +27,24 @@ store will hold after both commit. Hidden stored chunks are not subtracted until
 they are really deleted, so the bound errs on the safe side; a writer that hits it
 flushes and re-checks before reporting ENOSPC.
 
-Commit order inside the transaction: prefix deletes; hidden chunks (skipping
-indexes that the job rewrites anyway); chunk puts, shrinking ones first so that a
-transaction that fits never trips the capacity check half-way; plain keys; inode
-records (with their stored chunk bytes updated); the superblock rides in the
-plain keys.
+Patches (see ``schema``): a write of part of one chunk that has no dirty buffer
+becomes a patch of the live layer, so it needs no fetch and its flush stores only
+the bytes written. Deciding costs no store access: within the live layer a patch
+replaces the older ones it covers and absorbs the ones it overlaps in part; past
+``PATCH_MAX`` patches or half a chunk of patch bytes the write makes a dirty buffer
+instead (whose commit deletes the chunk's patches). The commit meets the stored
+patches: it deletes those a new one covers, and if a new one overlaps a stored one
+in part, or the chunk would pass the same limits, it rewrites the chunk whole with
+every patch applied (reading it inside the transaction). Reads apply patches
+oldest first: the stored ones (in the cache with their chunk), then the committing
+layer's, then the live layer's.
+
+Commit order inside the transaction: prefix deletes; hidden chunks and their
+patches (skipping indexes that the job rewrites anyway); patches covered by newer
+ones; chunk and patch puts, shrinking ones first so that a transaction that fits
+never trips the capacity check half-way (a rewritten chunk deletes its patches
+first); plain keys; inode records (with their stored chunk bytes updated); the
+superblock rides in the plain keys.
 """
 
 from __future__ import annotations
@@ -47,7 +60,15 @@ from dataclasses import replace
 from blockstore import Batch, ChunkRef, PreparedChunk, Store, View
 
 from .errors import FlushNeeded, FsError
-from .schema import InodeRecord, chunk_index, chunk_key, chunk_prefix, inode_key
+from .schema import (
+    InodeRecord,
+    chunk_index,
+    chunk_key,
+    chunk_prefix,
+    inode_key,
+    patch_key,
+    patch_offset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +76,7 @@ INF = 1 << 62  # an index past any chunk of any file (2**63 bytes / 4 KiB chunks
 _SCAN_BATCH = 1024
 _ENTRY_OVERHEAD = 128  # bytes charged per cache entry besides its data
 _AHEAD_BATCH = 16  # chunks per task sent to the prepare pool (tasks are cancelled whole)
+PATCH_MAX = 8  # patches one chunk may carry before a write rewrites it whole
 
 
 class _Hidden:
@@ -111,9 +133,12 @@ class FileOverlay:
     in it. An entry exists only while its buffer is unchanged since the snapshot
     that was prepared: every change to a buffer goes through
     ``Layer.chunk_for_update`` or ``Layer.hide``, which drop the entry.
+
+    ``patches``: per chunk without a dirty buffer, offset -> bytes; they never
+    overlap.
     """
 
-    __slots__ = ("base", "chunks", "growth", "hidden", "ready")
+    __slots__ = ("base", "chunks", "growth", "hidden", "patches", "ready")
 
     def __init__(self) -> None:
         self.chunks: dict[int, bytearray | bytes] = {}
@@ -121,6 +146,7 @@ class FileOverlay:
         self.hidden = IndexRanges()
         self.growth = 0
         self.ready: dict[int, tuple[Future[list[PreparedChunk]], int]] = {}
+        self.patches: dict[int, dict[int, bytes]] = {}
 
     def lookup(self, index: int) -> bytearray | bytes | _Hidden | None:
         buf = self.chunks.get(index)
@@ -167,7 +193,8 @@ class Layer:
             fo = self.files[ino] = FileOverlay()
         buf = fo.chunks.get(index)
         if buf is None:
-            content, base = load()
+            content, base = load()  # with this layer's patches applied: drop them
+            self._drop_patches(fo, index)
             new = fo.chunks[index] = bytearray(content)
             fo.base[index] = base
             self._account(fo, len(new) - base, len(new))
@@ -185,6 +212,7 @@ class Layer:
             fo = self.files[ino] = FileOverlay()
         old = fo.chunks.get(index)
         if old is None:
+            self._drop_patches(fo, index)
             fo.base[index] = base
             self._account(fo, len(data) - base, len(data))
         else:
@@ -208,7 +236,33 @@ class Layer:
             base = fo.base.pop(index)
             fo.ready.pop(index, None)
             self._account(fo, base - len(buf), -len(buf))
+        for index in [i for i in fo.patches if lo <= i < hi]:
+            self._drop_patches(fo, index)
         fo.hidden.add(lo, hi)
+
+    def patches_of(self, ino: int, index: int) -> dict[int, bytes] | None:
+        fo = self.files.get(ino)
+        return None if fo is None else fo.patches.get(index)
+
+    def add_patch(self, ino: int, index: int, off: int, data: bytes, replaced: list[int]) -> None:
+        """Lay ``data`` over chunk ``index`` at ``off`` in place of this layer's
+        patches at ``replaced`` (which ``data`` already includes)."""
+        fo = self.files.get(ino)
+        if fo is None:
+            fo = self.files[ino] = FileOverlay()
+        mine = fo.patches.get(index)
+        if mine is None:
+            mine = fo.patches[index] = {}
+        freed = sum(len(mine.pop(o)) for o in replaced)
+        mine[off] = data
+        self._account(fo, len(data) - freed, len(data) - freed)
+
+    def _drop_patches(self, fo: FileOverlay, index: int) -> None:
+        """Forget this layer's patches of a chunk (now rewritten whole, or hidden)."""
+        mine = fo.patches.pop(index, None)
+        if mine:
+            n = sum(len(d) for d in mine.values())
+            self._account(fo, -n, -n)
 
     def _account(self, fo: FileOverlay, growth: int, dirty: int) -> None:
         fo.growth += growth
@@ -257,6 +311,12 @@ class ChunkCache:
         self.size = 0
 
 
+# One chunk's share of a commit: (stored bytes gained, ino, keys to delete, chunks to put).
+_Unit = tuple[int, int, list[bytes], list[tuple[bytes, PreparedChunk]]]
+# A patch on its way to the store: (offset in its chunk, bytes, prepared chunk).
+_NewPatch = tuple[int, bytes | bytearray, PreparedChunk]
+
+
 class FlushJob:
     """A frozen layer plus the inode records captured with it, on its way to the store.
 
@@ -267,16 +327,23 @@ class FlushJob:
 
     NEW, COMMITTING, FAILED = "new", "committing", "failed"
 
-    def __init__(self, layer: Layer, records: dict[int, InodeRecord]) -> None:
+    def __init__(self, layer: Layer, records: dict[int, InodeRecord], chunk_size: int) -> None:
         self.layer = layer
+        self.chunk_size = chunk_size
         self.records = records
-        self.chunks: list[tuple[int, int, bytearray | bytes]] = []
+        # (ino, index, patch offset or None for the whole chunk, bytes)
+        self.chunks: list[tuple[int, int, int | None, bytearray | bytes]] = []
         self.ready: list[tuple[Future[list[PreparedChunk]], int] | None] = []
         for ino, fo in layer.files.items():
             for index, buf in fo.chunks.items():
-                self.chunks.append((ino, index, buf))
+                self.chunks.append((ino, index, None, buf))
                 self.ready.append(fo.ready.get(index))
+            for index, mine in fo.patches.items():
+                for off, data in mine.items():
+                    self.chunks.append((ino, index, off, data))
+                    self.ready.append(None)
         self.prepared: list[PreparedChunk | None] = [None] * len(self.chunks)
+        self.level: int | None = None
         self.state = self.NEW
 
     @property
@@ -284,11 +351,12 @@ class FlushJob:
         return self.layer.dirty_bytes
 
     def prepare(self, store: Store, level: int, part: int = 0, parts: int = 1) -> None:
+        self.level = level  # for chunks the commit rewrites whole
         for i in range(part, len(self.chunks), parts):
             if self.prepared[i] is None:
                 prep = self._ready(i)
                 if prep is None:
-                    buf = self.chunks[i][2]
+                    buf = self.chunks[i][3]
                     prep = store.prepare_chunk(
                         buf if isinstance(buf, bytes) else memoryview(buf), level
                     )
@@ -325,16 +393,26 @@ class FlushJob:
             for ino, fo in layer.files.items():
                 for lo, hi in fo.hidden:
                     _delete_chunks(b, ino, lo, hi, fo.chunks, deltas)
-            puts = []
-            for (ino, index, _), prep in zip(self.chunks, self.prepared, strict=True):
+            units: list[_Unit] = []
+            patched: dict[tuple[int, int], list[_NewPatch]] = defaultdict(list)
+            for (ino, index, off, data), prep in zip(self.chunks, self.prepared, strict=True):
                 assert prep is not None, "commit before prepare"
+                if off is not None:
+                    patched[(ino, index)].append((off, data, prep))
+                    continue
                 key = chunk_key(ino, index)
-                old = b.get(key)
-                old_len = old.raw_length if isinstance(old, ChunkRef) else 0
-                puts.append((prep.raw_length - old_len, key, prep, ino))
-            puts.sort(key=lambda p: p[0])
-            for delta, key, prep, ino in puts:
-                b.put_chunk(key, prep)
+                stored = _refs(b, key)  # the whole chunk replaces its patches too
+                old = sum(ref.raw_length for ref in stored.values())
+                patches = [k for k in stored if k != key]
+                units.append((prep.raw_length - old, ino, patches, [(key, prep)]))
+            for (ino, index), new in patched.items():
+                units.append(self._patch_unit(b, ino, index, new))
+            units.sort(key=lambda u: u[0])  # shrinking first (see the module docstring)
+            for delta, ino, deletes, puts in units:
+                for key in deletes:
+                    b.delete(key)
+                for key, prep in puts:
+                    b.put_chunk(key, prep)
                 deltas[ino] += delta
             for key, value in layer.kv.items():
                 if value is None:
@@ -345,6 +423,45 @@ class FlushJob:
                 rec = rec if not deltas.get(ino) else _with_alloc(rec, rec.alloc + deltas[ino])
                 b.put(inode_key(ino), rec.pack())
         return dict(deltas)
+
+    def _patch_unit(self, b: Batch, ino: int, index: int, new: list[_NewPatch]) -> _Unit:
+        """Store a chunk's new patches over its stored ones (see the module docstring)."""
+        key = chunk_key(ino, index)
+        stored = _refs(b, key)
+        base = stored.pop(key, None)
+        spans = [(off, off + len(data)) for off, data, _ in new]
+        mine = {patch_key(ino, index, off) for off, _, _ in new}
+        kept = 0
+        deletes = []
+        conflict = False
+        for k, ref in stored.items():
+            o = patch_offset(k) or 0
+            e = o + ref.raw_length
+            hits = [(s, t) for s, t in spans if s < e and t > o]
+            if not hits:
+                kept += ref.raw_length
+            elif any(s <= o and e <= t for s, t in hits):
+                if k not in mine:
+                    deletes.append(k)  # covered by a new patch (one at its offset replaces it)
+            else:
+                conflict = True
+        gone = sum(ref.raw_length for ref in stored.values()) - kept
+        total = kept + sum(len(data) for _, data, _ in new)
+        count = len(stored) - len(deletes) + len(new) - len(mine & stored.keys())
+        if not conflict and count <= PATCH_MAX and total <= self.chunk_size // 2:
+            puts = [(patch_key(ino, index, off), prep) for off, _, prep in new]
+            return sum(prep.raw_length for _, _, prep in new) - gone, ino, deletes, puts
+        # Rewrite the chunk whole: its stored bytes, every patch, the new ones last.
+        refs = ([base] if base is not None else []) + list(stored.values())
+        datas = b.read_chunks(refs)
+        buf = bytearray(datas[0] if base is not None else b"")
+        for k, got in zip(stored, datas[len(refs) - len(stored) :], strict=True):
+            _lay(buf, patch_offset(k) or 0, got)
+        for off, data, _ in new:
+            _lay(buf, off, data)
+        prep = b.view.store.prepare_chunk(memoryview(buf), self.level)
+        old = sum(ref.raw_length for ref in refs)
+        return prep.raw_length - old, ino, list(stored), [(key, prep)]
 
 
 def _prepare_all(store: Store, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
@@ -363,13 +480,14 @@ def _delete_chunks(
     keep: dict[int, bytearray | bytes],
     deltas: dict[int, int],
 ) -> None:
-    """Delete stored chunks ``[lo, hi)`` of ``ino`` except those being rewritten."""
+    """Delete stored chunks ``[lo, hi)`` of ``ino`` and their patches, except chunks
+    being rewritten (their commit deletes their patches)."""
     prefix = chunk_prefix(ino)
-    start = lo
-    while start < hi:
+    start = chunk_key(ino, lo)
+    while True:
         found: list[tuple[bytes, int, bytes | ChunkRef]] = []
         # Collect first, delete after: the scan's cursor must not see its own deletes.
-        for key, value in b.scan(prefix, start=chunk_key(ino, start)):
+        for key, value in b.scan(prefix, start=start):
             index = chunk_index(key)
             if index >= hi or len(found) >= _SCAN_BATCH:
                 break
@@ -379,7 +497,7 @@ def _delete_chunks(
                 deltas[ino] -= value.raw_length
         if len(found) < _SCAN_BATCH:
             return
-        start = found[-1][1] + 1
+        start = found[-1][0] + b"\0"  # the next key after the last one seen
 
 
 class FileData:
@@ -435,21 +553,89 @@ class FileData:
         """
         if index * self.chunk_size >= size:
             return b"", 0
+        patches: list[dict[int, bytes]] | None = None  # the layers' patches, newest first
+        base: bytes | bytearray | None = None
         for layer in self.layers():
-            found = layer.lookup_chunk(ino, index)
+            fo = layer.files.get(ino)
+            if fo is None:
+                continue
+            found = fo.lookup(index)
             if found is HIDDEN:
-                return b"", 0
-            if isinstance(found, (bytes, bytearray)):
-                return found, len(found)
-        cached = self.cache.get((ino, index))
-        if cached is not None:
-            return cached, len(cached)
-        if not need_data:
-            ref = self.view.get(chunk_key(ino, index))
-            return None, ref.raw_length if isinstance(ref, ChunkRef) else 0
-        data = self.view.read_chunk(chunk_key(ino, index)) or b""
-        self.cache.put((ino, index), data)
-        return data, len(data)
+                base = b""
+                break
+            if found is not None:
+                base = found  # type: ignore[assignment]
+                break
+            mine = fo.patches.get(index) if fo.patches else None
+            if mine:
+                patches = [mine] if patches is None else [*patches, mine]
+        if base is None:
+            base = self.cache.get((ino, index))
+        if base is None:
+            if not need_data:
+                length = self._stored_length(ino, index)
+                for mine in patches or ():
+                    length = max([length, *(o + len(d) for o, d in mine.items())])
+                return None, length
+            base = self._read_stored(ino, [index])[0]
+            self.cache.put((ino, index), base)
+        if patches is None:
+            return base, len(base)
+        merged = bytearray(base)
+        for mine in reversed(patches):
+            for off, data in mine.items():
+                _lay(merged, off, data)
+        return merged, len(merged)
+
+    def _read_stored(self, ino: int, indexes: list[int]) -> list[bytes]:
+        """Stored chunks with their stored patches applied, one read transaction.
+
+        Runs of consecutive indexes are read with one cursor walk each.
+        """
+        runs: list[list[int]] = []
+        for index in indexes:
+            if runs and runs[-1][1] == index - 1:
+                runs[-1][1] = index
+            else:
+                runs.append([index, index])
+        groups = self.view.read_chunk_ranges(
+            [(chunk_key(ino, lo), chunk_key(ino, hi + 1)) for lo, hi in runs]
+        )
+        found: dict[int, bytes | bytearray] = {}
+        for entries in groups:
+            for key, data in entries:
+                index = chunk_index(key)
+                off = patch_offset(key)
+                if off is None:
+                    found[index] = data
+                    continue
+                cur = found.get(index, b"")
+                if not isinstance(cur, bytearray):
+                    cur = found[index] = bytearray(cur)
+                _lay(cur, off, data)
+        out = []
+        for index in indexes:
+            got = found.get(index, b"")
+            out.append(got if isinstance(got, bytes) else bytes(got))
+        return out
+
+    def _stored_extents(self, ino: int, index: int) -> tuple[int, dict[int, int]]:
+        """(stored length of the chunk itself, {patch offset: length}) from the store."""
+        length = 0
+        patches: dict[int, int] = {}
+        for key, value in self.view.scan(chunk_key(ino, index)):
+            if not isinstance(value, ChunkRef):
+                continue
+            off = patch_offset(key)
+            if off is None:
+                length = value.raw_length
+            else:
+                patches[off] = value.raw_length
+        return length, patches
+
+    def _stored_length(self, ino: int, index: int) -> int:
+        length, patches = self._stored_extents(ino, index)
+        return max([length, *(o + n for o, n in patches.items())])
 
     def update_chunk(
         self, ino: int, size: int, index: int, length_if_replaced: int | None = None
@@ -516,6 +702,16 @@ class FileData:
         n = len(data)
         end = off + n
         cs = self.chunk_size
+        mv = memoryview(data)
+        live = self.live
+        if off // cs == (end - 1) // cs and n < cs:
+            index = off // cs
+            patch = self._patch_plan(ino, size, index, off - index * cs, mv)
+            if patch is not None:
+                start, piece, absorbed = patch
+                self.check_space(len(piece), n, pending)
+                live.add_patch(ino, index, start, piece, absorbed)
+                return max(size, end)
         plan = []
         growth = 0
         for index in range(off // cs, (end - 1) // cs + 1):
@@ -527,9 +723,7 @@ class FileData:
             growth += max(0, e - length)
             plan.append((index, s, e, length))
         self.check_space(growth, n, pending)
-        mv = memoryview(data)
         pos = 0
-        live = self.live
         due = self.prepare_pool is not None and live.dirty_bytes >= self.flush_threshold
         ahead = []
         for index, s, e, length in plan:
@@ -558,6 +752,47 @@ class FileData:
             elif ahead:
                 self.prepare_ahead(ino, ahead)
         return max(size, end)
+
+    def _patch_plan(
+        self, ino: int, size: int, index: int, s: int, data: memoryview
+    ) -> tuple[int, bytes, list[int]] | None:
+        """Whether writing ``data`` at ``s`` into chunk ``index`` can be a patch.
+
+        None if not: the chunk has a dirty buffer or is hidden, or the live layer's
+        patches of the chunk would pass the limits. Otherwise (offset, bytes, the
+        live patches it replaces): a patch that overlaps live ones in part absorbs
+        them. The store is not consulted (the commit meets the stored patches).
+        """
+        if not self.patchable(ino, size, index):
+            return None
+        e = s + len(data)
+        mine = self.live.patches_of(ino, index) or {}
+        replaced = [o for o, d in mine.items() if o < e and o + len(d) > s]
+        start, stop = s, e
+        for o in replaced:
+            start, stop = min(start, o), max(stop, o + len(mine[o]))
+        total = (
+            stop - start + sum(len(d) for d in mine.values()) - sum(len(mine[o]) for o in replaced)
+        )
+        if len(mine) - len(replaced) >= PATCH_MAX or total > self.chunk_size // 2:
+            return None
+        if start == s and stop == e:
+            piece = bytes(data)
+        else:
+            buf = bytearray(stop - start)
+            for o in replaced:
+                buf[o - start : o - start + len(mine[o])] = mine[o]
+            buf[s - start : e - start] = data
+            piece = bytes(buf)
+        if not piece.strip(b"\0"):
+            return None  # all zeros would be a hole, which the store does not keep
+        return start, piece, replaced
+
+    def patchable(self, ino: int, size: int, index: int) -> bool:
+        """False if a partial write of the chunk cannot be a patch (no store lookup)."""
+        if index * self.chunk_size >= size:
+            return False
+        return all(layer.lookup_chunk(ino, index) is None for layer in self.layers())
 
     @property
     def flush_threshold(self) -> int:
@@ -644,23 +879,31 @@ class FileData:
                 n = min(cs - s, n_total - pos)
                 src_index, src_s = divmod(off_in + pos, cs)
                 dkey = chunk_key(dst_ino, index)
-                old = b.get(dkey)
-                old_len = old.raw_length if isinstance(old, ChunkRef) else 0
-                src_ref = b.get(chunk_key(src, src_index))
-                src_len = src_ref.raw_length if isinstance(src_ref, ChunkRef) else 0
-                if s == 0 and src_s == 0 and (n == cs or (src_len <= n and old_len <= n)):
-                    if isinstance(src_ref, ChunkRef):
+                old = _refs(b, dkey)  # the chunk (key dkey) and its patches
+                old_len = sum(ref.raw_length for ref in old.values())
+                skey = chunk_key(src, src_index)
+                src_refs = _refs(b, skey)
+                src_ref = src_refs.get(skey)
+                src_len = src_ref.raw_length if src_ref is not None else 0
+                if (
+                    all(k == skey for k in src_refs)  # a chunk with patches is not shared
+                    and s == 0
+                    and src_s == 0
+                    and (n == cs or (src_len <= n and _extent(old) <= n))
+                ):
+                    _delete_patches(b, dkey, old)
+                    if src_ref is not None:
                         b.put_ref(dkey, src_ref)
                     else:
                         b.delete(dkey)
                     delta += src_len - old_len
                 else:
-                    stored = self.store.read_chunk(old) if isinstance(old, ChunkRef) else b""
-                    cur = bytearray(stored)
-                    if len(cur) < s:
-                        cur.extend(bytes(s - len(cur)))
-                    cur[s : s + n] = self.read(src, src_size, off_in + pos, n).ljust(n, b"\0")
+                    cur = bytearray()
+                    for k, ref in old.items():
+                        _lay(cur, patch_offset(k) or 0, self.store.read_chunk(ref))
+                    _lay(cur, s, self.read(src, src_size, off_in + pos, n).ljust(n, b"\0"))
                     prep = self.store.prepare_chunk(memoryview(cur), self.level)
+                    _delete_patches(b, dkey, old)
                     b.put_chunk(dkey, prep)
                     delta += prep.raw_length - old_len
                 touched.append(index)
@@ -684,7 +927,7 @@ class FileData:
         """Turn the live layer into a job (see ``begin`` in ``Filesystem.begin_flush``)."""
         if self.inflight is not None:
             raise RuntimeError("a flush job is already in flight")
-        job = self.inflight = FlushJob(self.live, records)
+        job = self.inflight = FlushJob(self.live, records, self.chunk_size)
         job.state = FlushJob.COMMITTING
         self.live = Layer()
         return job
@@ -707,7 +950,7 @@ class FileData:
         self.inflight = None
         if job.layer.files or job.layer.prefix_deletes:
             self.epoch += 1
-        for ino, index, _ in job.chunks:
+        for ino, index, _, _ in job.chunks:
             self.cache.discard((ino, index))
         for ino, fo in job.layer.files.items():
             for lo, hi in fo.hidden:
@@ -728,6 +971,8 @@ class FileData:
                 break
             if for_write and off <= base and end >= base + cs:
                 continue  # the write replaces the whole chunk
+            if for_write and n < cs and off // cs == (end - 1) // cs:
+                break  # a write inside one chunk is usually a patch: nothing to fetch
             if any(layer.lookup_chunk(ino, index) is not None for layer in self.layers()):
                 continue
             if self.cache.get((ino, index)) is None:
@@ -736,11 +981,33 @@ class FileData:
 
     def fetch(self, ino: int, indexes: list[int]) -> list[tuple[int, bytes]]:
         """Read chunks from the store (thread-safe: touches only the store)."""
-        datas = self.view.read_chunks([chunk_key(ino, i) for i in indexes])
-        return [(i, data or b"") for i, data in zip(indexes, datas, strict=True)]
+        return list(zip(indexes, self._read_stored(ino, indexes), strict=True))
 
     def fill_cache(self, ino: int, chunks: list[tuple[int, bytes]], epoch: int) -> None:
         """Insert fetched chunks unless a commit happened since ``epoch`` was read."""
         if epoch == self.epoch:
             for index, data in chunks:
                 self.cache.put((ino, index), data)
+
+
+def _lay(buf: bytearray, off: int, data: bytes | bytearray) -> None:
+    """Write ``data`` into ``buf`` at ``off``, extending it with zeros if it is short."""
+    if len(buf) < off:
+        buf.extend(bytes(off - len(buf)))
+    buf[off : off + len(data)] = data
+
+
+def _refs(b: Batch, key: bytes) -> dict[bytes, ChunkRef]:
+    """The stored chunk under ``key`` and its patches, key -> reference, in key order."""
+    return {k: v for k, v in b.scan(key) if isinstance(v, ChunkRef)}
+
+
+def _delete_patches(b: Batch, key: bytes, refs: dict[bytes, ChunkRef]) -> None:
+    for k in refs:
+        if k != key:
+            b.delete(k)
+
+
+def _extent(refs: dict[bytes, ChunkRef]) -> int:
+    """The length of a chunk with its patches applied."""
+    return max([0, *((patch_offset(k) or 0) + ref.raw_length for k, ref in refs.items())])

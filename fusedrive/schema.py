@@ -22,6 +22,17 @@ start with one ASCII letter naming the record; inode numbers and chunk indexes a
                                A chunk may be shorter than ``chunk_size``; the rest
                                reads as zeros. Missing chunks are holes. No chunk
                                holds bytes at or past the file's size.
+``C`` ino index off            a patch (``ChunkRef``): bytes ``[off, off + length)``
+                               of chunk ``index`` (``off`` is 4-byte big-endian,
+                               relative to the chunk), laid over the chunk's
+                               stored bytes (zeros where there are none). The
+                               patches of one chunk never overlap, so their order
+                               does not matter. A small write into a stored chunk
+                               is stored as a patch: it costs its own bytes, not a
+                               fetch and rewrite of the whole chunk. Patches sort
+                               right after their chunk, so one cursor walk reads a
+                               chunk with its patches, and deleting a range of
+                               chunk keys deletes their patches too.
 ``L`` ino                      symbolic link target.
 ``X`` ino name                 extended attribute value.
 ``R`` ino                      orphan: the inode has no links but was open when this
@@ -89,7 +100,25 @@ def chunk_key(ino: int, index: int) -> bytes:
 
 
 def chunk_index(key: bytes) -> int:
+    """The chunk index of a chunk or patch key."""
     return int(_U64.unpack_from(key, 9)[0])
+
+
+CHUNK_KEY_LEN = 17
+_U32 = struct.Struct(">I")
+
+
+def patch_key(ino: int, index: int, off: int) -> bytes:
+    return b"C" + _U64.pack(ino) + _U64.pack(index) + _U32.pack(off)
+
+
+def patch_offset(key: bytes) -> int | None:
+    """A patch key's offset inside its chunk; None for the chunk's own key."""
+    if len(key) == CHUNK_KEY_LEN:
+        return None
+    if len(key) != CHUNK_KEY_LEN + 4:
+        raise Corrupt(f"undecodable file data key {key!r}")
+    return int(_U32.unpack_from(key, CHUNK_KEY_LEN)[0])
 
 
 def symlink_key(ino: int) -> bytes:

@@ -137,6 +137,38 @@ def test_dedup_and_corruption_detection(
     assert not fsck(store).clean
 
 
+def test_reading_chunks_by_key_range(
+    store: Store, flip_stored_byte: Callable[[Store, bytes], None]
+) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    blobs = {k: os.urandom(1000 + i) for i, k in enumerate([b"a1", b"a1\x00", b"a1x", b"a2", b"b"])}
+    for k, data in blobs.items():
+        v.put_chunk(k, data)
+    v.put(b"c", b"plain")
+    store.create_snapshot("v", "s")
+    v.delete(b"a1x")  # a tombstone in the head hides the snapshot's version
+    got = v.read_chunk_ranges([(b"a1", b"a2"), (b"a2", b"b"), (b"x", b"y")])
+    assert got == [
+        [(b"a1", blobs[b"a1"]), (b"a1\x00", blobs[b"a1\x00"])],
+        [(b"a2", blobs[b"a2"])],
+        [],
+    ]
+    snap = store.snapshot("s").read_chunk_ranges([(b"a1", b"a2")])
+    assert [k for k, _ in snap[0]] == [b"a1", b"a1\x00", b"a1x"]
+    with pytest.raises(InvalidArgument):
+        v.read_chunk_ranges([(b"b", b"d")])  # a plain value inside the range
+    with v.batch() as b:
+        ref = b.get(b"a2")
+        assert isinstance(ref, ChunkRef)
+        assert b.read_chunks([ref]) == [blobs[b"a2"]]
+    flip_stored_byte(store, ref.digest)
+    from blockstore import Corrupt
+
+    with pytest.raises(Corrupt):
+        v.read_chunk_ranges([(b"a2", b"a3")])
+
+
 def test_delete_everything_returns_to_empty(store: Store) -> None:
     store.create_volume("v", 1 << 20)
     v = store.volume("v")

@@ -20,8 +20,17 @@ import pytest
 from blockstore import MODE_BLOCK, ChunkRef, Store, fsck
 from fusedrive import Ctx, Filesystem, FsError
 from fusedrive.errors import ERRNO_OF_STORE_ERROR, errno_of
+from fusedrive.filedata import PATCH_MAX
 from fusedrive.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
-from fusedrive.schema import ROOT_INO, chunk_prefix, inode_key, orphan_key
+from fusedrive.schema import (
+    ROOT_INO,
+    chunk_index,
+    chunk_key,
+    chunk_prefix,
+    inode_key,
+    orphan_key,
+    patch_offset,
+)
 
 KiB, MiB = 1024, 1024 * 1024
 ROOT = ROOT_INO
@@ -255,8 +264,13 @@ def test_copy_range_shares_aligned_chunks(vol: Volume) -> None:
     assert fsck(vol.store).clean
 
 
-def test_data_matches_a_model_through_random_operations(make_volume: Callable[..., Volume]) -> None:
-    vol = make_volume(dirty_limit=64 * KiB, cache_limit=32 * KiB)
+@pytest.mark.parametrize("chunk_size", [4 * KiB, 16 * KiB])
+def test_data_matches_a_model_through_random_operations(
+    make_volume: Callable[..., Volume], chunk_size: int
+) -> None:
+    vol = make_volume(
+        params={"chunk_size": str(chunk_size)}, dirty_limit=64 * KiB, cache_limit=32 * KiB
+    )
     fs = vol.fs
     fh, ino = create(fs, b"model")
     model = bytearray()
@@ -293,6 +307,197 @@ def test_data_matches_a_model_through_random_operations(make_volume: Callable[..
     assert vol.store.get_volume("v").used == sum(
         v.raw_length for _, v in vol.store.volume("v").scan(chunk_prefix(ino))
     )
+    assert fsck(vol.store).clean
+
+
+# -- patches: small writes into stored chunks ----------------------------------------------------
+CS64 = {"chunk_size": str(64 * KiB)}
+
+
+def patch_keys(store: Store, ino: int) -> dict[int, list[tuple[int, int]]]:
+    """Stored patches per chunk index: [(offset, length)]."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for k, v in store.volume("v").scan(chunk_prefix(ino)):
+        off = patch_offset(k)
+        if off is not None and isinstance(v, ChunkRef):
+            out.setdefault(chunk_index(k), []).append((off, v.raw_length))
+    return out
+
+
+def chunk_ref(store: Store, ino: int, index: int) -> object:
+    return store.volume("v").get(chunk_key(ino, index))
+
+
+def patched_file(vol: Volume, chunks: int = 4) -> tuple[int, int, bytearray]:
+    """A file of ``chunks`` stored 64 KiB chunks, flushed: (handle, ino, model)."""
+    model = bytearray(os.urandom(chunks * 64 * KiB))
+    fh, ino = create(vol.fs, b"f")
+    vol.fs.write(fh, 0, bytes(model))
+    vol.fs.flush()
+    return fh, ino, model
+
+
+def put(fs: Filesystem, fh: int, model: bytearray, off: int, data: bytes) -> None:
+    fs.write(fh, off, data)
+    model.extend(bytes(max(0, off + len(data) - len(model))))
+    model[off : off + len(data)] = data
+
+
+def test_small_write_into_a_stored_chunk_stores_only_its_bytes(
+    make_volume: Callable[..., Volume],
+) -> None:
+    vol = make_volume(params=CS64)
+    fs = vol.fs
+    fh, ino, model = patched_file(vol)
+    base = chunk_ref(vol.store, ino, 1)
+    alloc, used = fs.getattr(ino).blocks, vol.store.get_volume("v").used
+    put(fs, fh, model, 64 * KiB + 5000, os.urandom(4 * KiB))
+    assert fs.read(fh, 0, len(model)) == bytes(model)  # buffered: the patch is laid over
+    fs.flush()
+    assert patch_keys(vol.store, ino) == {1: [(5000, 4 * KiB)]}
+    assert chunk_ref(vol.store, ino, 1) == base  # the chunk itself is untouched
+    assert vol.store.get_volume("v").used == used + 4 * KiB
+    assert fs.getattr(ino).blocks == alloc + 8  # st_blocks counts the patch
+    fs.release(fh)
+    fs = vol.reopen()  # an empty cache: the store's chunk and patch are merged on read
+    assert read_all(fs, ino) == bytes(model)
+    assert fsck(vol.store).clean
+
+
+def test_patches_are_merged_into_the_chunk_past_their_limits(
+    make_volume: Callable[..., Volume],
+) -> None:
+    vol = make_volume(params=CS64)
+    fs = vol.fs
+    fh, ino, model = patched_file(vol)
+    # One patch per flush, so the limits are met in the commit, against stored ones.
+    for i in range(PATCH_MAX):
+        put(fs, fh, model, 2 * 64 * KiB + i * 5000, os.urandom(1000))
+        fs.flush()
+    assert len(patch_keys(vol.store, ino)[2]) == PATCH_MAX
+    base = chunk_ref(vol.store, ino, 2)
+    put(fs, fh, model, 2 * 64 * KiB + 60000, os.urandom(10))
+    fs.flush()
+    assert 2 not in patch_keys(vol.store, ino)  # the chunk was rewritten whole
+    assert chunk_ref(vol.store, ino, 2) != base
+    # Half a chunk of patch bytes is the other limit.
+    put(fs, fh, model, 3 * 64 * KiB, os.urandom(30000))
+    fs.flush()
+    put(fs, fh, model, 3 * 64 * KiB + 40000, os.urandom(3000))
+    fs.flush()
+    assert 3 not in patch_keys(vol.store, ino)
+    # In the live layer the limits make a dirty buffer at once.
+    for i in range(PATCH_MAX + 1):
+        put(fs, fh, model, i * 5000, os.urandom(100))
+    fs.flush()
+    assert 0 not in patch_keys(vol.store, ino)
+    fs.release(fh)
+    fs = vol.reopen()
+    assert read_all(fs, ino) == bytes(model)
+    assert vol.store.get_volume("v").used == sum(
+        v.raw_length for _, v in vol.store.volume("v").scan(chunk_prefix(ino))
+    )
+    assert fsck(vol.store).clean
+
+
+def test_patches_cover_overlap_and_absorb_each_other(make_volume: Callable[..., Volume]) -> None:
+    vol = make_volume(params=CS64)
+    fs = vol.fs
+    fh, ino, model = patched_file(vol)
+    put(fs, fh, model, 1000, os.urandom(500))
+    put(fs, fh, model, 1200, os.urandom(600))  # overlaps the live one in part: one patch
+    put(fs, fh, model, 9000, os.urandom(100))
+    fs.flush()
+    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (9000, 100)]
+    put(fs, fh, model, 8000, os.urandom(2000))  # covers the stored patch at 9000
+    fs.flush()
+    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (8000, 2000)]
+    put(fs, fh, model, 8000, os.urandom(2500))  # same offset, longer: replaces it
+    fs.flush()
+    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (8000, 2500)]
+    base = chunk_ref(vol.store, ino, 0)
+    put(fs, fh, model, 1500, os.urandom(1000))  # overlaps a stored patch in part
+    fs.flush()
+    assert 0 not in patch_keys(vol.store, ino)
+    assert chunk_ref(vol.store, ino, 0) != base
+    fs.release(fh)
+    fs = vol.reopen()
+    assert read_all(fs, ino) == bytes(model)
+    assert fsck(vol.store).clean
+
+
+def test_zero_writes_truncate_and_punch_over_patches(make_volume: Callable[..., Volume]) -> None:
+    vol = make_volume(params=CS64)
+    fs = vol.fs
+    fh, ino, model = patched_file(vol)
+    put(fs, fh, model, 100, bytes(3000))  # zeros are no patch (a hole is not stored)
+    put(fs, fh, model, 64 * KiB + 100, os.urandom(3000))
+    put(fs, fh, model, 2 * 64 * KiB + 100, os.urandom(3000))
+    put(fs, fh, model, 3 * 64 * KiB + 100, os.urandom(3000))
+    fs.flush()
+    assert set(patch_keys(vol.store, ino)) == {1, 2, 3}
+    assert fs.read(fh, 0, 4000) == bytes(model[:4000])
+    fs.setattr(ino, size=3 * 64 * KiB + 1000)  # cuts into chunk 3's patch
+    del model[3 * 64 * KiB + 1000 :]
+    fs.punch_hole(ino, 2 * 64 * KiB, 64 * KiB)  # chunk 2 whole: a hole, patches too
+    model[2 * 64 * KiB : 3 * 64 * KiB] = bytes(64 * KiB)
+    fs.flush()
+    assert set(patch_keys(vol.store, ino)) == {1}
+    assert chunk_ref(vol.store, ino, 2) is None
+    assert fs.read(fh, 0, len(model) + 10) == bytes(model)
+    fs.release(fh)
+    fs = vol.reopen()
+    assert read_all(fs, ino) == bytes(model)
+    fs.unlink(ROOT, b"f")
+    fs = vol.reopen()
+    assert vol.store.volume("v").scan(chunk_prefix(ino)) == []
+    assert fsck(vol.store).clean
+
+
+def test_copy_range_never_shares_a_patched_chunk(make_volume: Callable[..., Volume]) -> None:
+    vol = make_volume(params=CS64)
+    fs = vol.fs
+    sfh, src, model = patched_file(vol, chunks=2)
+    put(fs, sfh, model, 70000, os.urandom(2000))  # chunk 1 of the source has a patch
+    dfh, dst = create(fs, b"dst")
+    dmodel = bytearray(os.urandom(2 * 64 * KiB))
+    put(fs, dfh, dmodel, 0, bytes(dmodel))
+    fs.flush()
+    put(fs, dfh, dmodel, 100, os.urandom(500))  # and chunk 0 of the destination
+    fs.flush()
+    assert patch_keys(vol.store, src) == {1: [(70000 - 64 * KiB, 2000)]}
+    assert patch_keys(vol.store, dst) == {0: [(100, 500)]}
+    assert fs.copy_range(sfh, 0, dfh, 0, 2 * 64 * KiB) == 2 * 64 * KiB
+    assert patch_keys(vol.store, dst) == {}
+    assert chunk_ref(vol.store, dst, 0) == chunk_ref(vol.store, src, 0)  # shared
+    assert chunk_ref(vol.store, dst, 1) != chunk_ref(vol.store, src, 1)  # patched: copied
+    assert read_all(fs, dst) == bytes(model)
+    fs.release(sfh)
+    fs.release(dfh)
+    fs = vol.reopen()
+    assert read_all(fs, dst) == bytes(model)
+    assert fsck(vol.store).clean
+
+
+def test_snapshots_and_clones_keep_their_patches(make_volume: Callable[..., Volume]) -> None:
+    vol = make_volume(params=CS64)
+    fs = vol.fs
+    fh, ino, model = patched_file(vol, chunks=2)
+    put(fs, fh, model, 3000, os.urandom(1000))
+    fs.flush()
+    vol.store.create_snapshot("v", "s1")
+    then = bytes(model)
+    put(fs, fh, model, 3500, os.urandom(2000))  # covers nothing: rewrites chunk 0 whole
+    put(fs, fh, model, 64 * KiB + 10, os.urandom(10))
+    fs.flush()
+    vol.store.clone_snapshot("s1", "c1")
+    snap = Filesystem(vol.store.snapshot("s1"))
+    assert read_all(snap, ino) == then
+    clone = Filesystem(vol.store.volume("c1"))
+    assert read_all(clone, ino) == then
+    fs.release(fh)
+    fs = vol.reopen()
+    assert read_all(fs, ino) == bytes(model)
     assert fsck(vol.store).clean
 
 
