@@ -61,8 +61,10 @@ from blockstore import Batch, ChunkRef, PreparedChunk, Store, View
 
 from .errors import FlushNeeded, FsError
 from .schema import (
+    CHUNK_KEY_LEN,
     InodeRecord,
     chunk_index,
+    chunk_ino,
     chunk_key,
     chunk_prefix,
     inode_key,
@@ -451,17 +453,33 @@ class FlushJob:
         if not conflict and count <= PATCH_MAX and total <= self.chunk_size // 2:
             puts = [(patch_key(ino, index, off), prep) for off, _, prep in new]
             return sum(prep.raw_length for _, _, prep in new) - gone, ino, deletes, puts
-        # Rewrite the chunk whole: its stored bytes, every patch, the new ones last.
-        refs = ([base] if base is not None else []) + list(stored.values())
-        datas = b.read_chunks(refs)
-        buf = bytearray(datas[0] if base is not None else b"")
-        for k, got in zip(stored, datas[len(refs) - len(stored) :], strict=True):
-            _lay(buf, patch_offset(k) or 0, got)
-        for off, data, _ in new:
-            _lay(buf, off, data)
-        prep = b.view.store.prepare_chunk(memoryview(buf), self.level)
-        old = sum(ref.raw_length for ref in refs)
-        return prep.raw_length - old, ino, list(stored), [(key, prep)]
+        if base is not None:
+            stored[key] = base
+        gained, deletes, puts = _rewrite_whole(
+            b, key, stored, [(off, data) for off, data, _ in new], self.level
+        )
+        return gained, ino, deletes, puts
+
+
+def _rewrite_whole(
+    b: Batch,
+    key: bytes,
+    stored: dict[bytes, ChunkRef],
+    new: list[tuple[int, bytes | bytearray]],
+    level: int | None,
+) -> tuple[int, list[bytes], list[tuple[bytes, PreparedChunk]]]:
+    """A chunk rewritten whole: its stored bytes and patches (``stored``, read in the
+    batch), then ``new`` patches. Returns (stored bytes gained, keys to delete, puts)."""
+    keys = sorted(stored, key=lambda k: k != key)  # the chunk itself first, then its patches
+    refs = [stored[k] for k in keys]
+    buf = bytearray()
+    for k, got in zip(keys, b.read_chunks(refs), strict=True):
+        _lay(buf, patch_offset(k) or 0, got)
+    for off, data in new:
+        _lay(buf, off, data)
+    prep = b.view.store.prepare_chunk(memoryview(buf), level)
+    gained = prep.raw_length - sum(ref.raw_length for ref in refs)
+    return gained, [k for k in stored if k != key], [(key, prep)]
 
 
 def _prepare_all(store: Store, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
@@ -707,7 +725,10 @@ class FileData:
         if off // cs == (end - 1) // cs and n < cs:
             index = off // cs
             patch = self._patch_plan(ino, size, index, off - index * cs, mv)
-            if patch is not None:
+            # A patch needs new space; short of it, rewriting the chunk needs none.
+            if patch is not None and (
+                self.used + self.pending_growth() + len(patch[1]) <= self.capacity
+            ):
                 start, piece, absorbed = patch
                 self.check_space(len(piece), n, pending)
                 live.add_patch(ino, index, start, piece, absorbed)
@@ -921,6 +942,42 @@ class FileData:
         self.epoch += 1
         self.refresh_usage()
         return rec
+
+    def merge_patches(self) -> dict[int, int]:
+        """Rewrite every chunk that has stored patches whole, in one transaction.
+
+        Patches cost bytes beyond the file data they change; a writer that found the
+        volume full merges them to get those bytes back. Call only with nothing
+        buffered. Returns stored bytes gained per inode (negative), whose inode
+        records are updated in the same transaction.
+        """
+        assert not self.live and self.inflight is None, "merging needs an empty buffer"
+        deltas: dict[int, int] = defaultdict(int)
+        with self.view.batch() as b:
+            patched = sorted(
+                {
+                    (chunk_index(k), k[:CHUNK_KEY_LEN])
+                    for k, _ in b.scan(b"C")
+                    if len(k) > CHUNK_KEY_LEN
+                }
+            )
+            for _, key in patched:
+                gained, deletes, puts = _rewrite_whole(b, key, _refs(b, key), [], self.level)
+                for k in deletes:
+                    b.delete(k)
+                for k, prep in puts:
+                    b.put_chunk(k, prep)
+                deltas[chunk_ino(key)] += gained
+            for ino, delta in deltas.items():
+                raw = b.get(inode_key(ino))
+                if isinstance(raw, bytes):
+                    rec = InodeRecord.unpack(raw)
+                    b.put(inode_key(ino), _with_alloc(rec, rec.alloc + delta).pack())
+        if deltas:
+            self.cache.clear()
+            self.epoch += 1
+            self.refresh_usage()
+        return dict(deltas)
 
     # -- flushing ---------------------------------------------------------------------------------
     def freeze(self, records: dict[int, InodeRecord]) -> FlushJob:

@@ -326,7 +326,14 @@ class Filesystem(Namespace):
             return 0
         if off + len(data) > MAX_FILE_SIZE:
             raise FsError(errno.EFBIG)
-        node.size = self.data.write(node.ino, node.size, off, data, self.has_pending())
+        try:
+            node.size = self.data.write(node.ino, node.size, off, data, self.has_pending())
+        except FsError as exc:
+            # The volume is full and nothing is buffered: the bytes that stored
+            # patches cost beyond file data may make room for this write.
+            if exc.errno != errno.ENOSPC or not self._merge_patches():
+                raise
+            node.size = self.data.write(node.ino, node.size, off, data, self.has_pending())
         if self.handles[fh].flags & os.O_DIRECT:
             self._drop_set_id_bits(node)
         self._touch(node)
@@ -345,6 +352,17 @@ class Filesystem(Namespace):
         kill = stat.S_ISUID | (stat.S_ISGID if node.mode & stat.S_IXGRP else 0)
         if node.mode & kill:
             node.mode &= ~kill
+
+    def _merge_patches(self) -> bool:
+        """Merge every stored patch into its chunk (see ``FileData.merge_patches``)."""
+        deltas = self.data.merge_patches()
+        for ino, delta in deltas.items():
+            node = self.inodes.get(ino)
+            if node is not None:
+                node.alloc = max(node.alloc + delta, 0)
+        if deltas:
+            log.info("event=patches_merged inodes=%d bytes=%d", len(deltas), -sum(deltas.values()))
+        return bool(deltas)
 
     def _set_size(self, node: Inode, size: int) -> None:
         self.data.truncate(node.ino, node.size, size)

@@ -99,6 +99,11 @@ def chunk_key(ino: int, index: int) -> bytes:
     return b"C" + _U64.pack(ino) + _U64.pack(index)
 
 
+def chunk_ino(key: bytes) -> int:
+    """The inode number of a chunk or patch key."""
+    return int(_U64.unpack_from(key, 1)[0])
+
+
 def chunk_index(key: bytes) -> int:
     """The chunk index of a chunk or patch key."""
     return int(_U64.unpack_from(key, 9)[0])

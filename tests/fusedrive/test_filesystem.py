@@ -531,6 +531,40 @@ def test_enospc_at_write_time_and_nothing_lost(make_volume: Callable[..., Volume
     assert fsck(vol.store).clean
 
 
+def test_a_full_volume_gives_patch_bytes_back_to_writers(
+    make_volume: Callable[..., Volume],
+) -> None:
+    vol = make_volume(capacity=1 * MiB, params=CS64)
+    fs = vol.fs
+    fh, ino = create(fs, b"f")
+    model = bytearray()
+    put(fs, fh, model, 0, os.urandom(14 * 64 * KiB))
+    fs.flush()
+    for rnd in range(2):  # 28 patches of 4 KiB: 112 KiB of the 128 KiB left
+        for index in range(14):
+            put(fs, fh, model, index * 64 * KiB + rnd * 8 * KiB, os.urandom(4 * KiB))
+        fs.flush()
+    assert sum(len(p) for p in patch_keys(vol.store, ino).values()) == 28
+    # 64 KiB more file data fits the capacity: the patches are merged to make room.
+    put(fs, fh, model, len(model), os.urandom(64 * KiB))
+    fs.flush()
+    assert patch_keys(vol.store, ino) == {}
+    assert vol.store.get_volume("v").used == 15 * 64 * KiB
+    assert fs.getattr(ino).blocks * 512 == 15 * 64 * KiB
+    # Full to the last byte: overwriting in place still works (no patch, no new space).
+    put(fs, fh, model, len(model), os.urandom(64 * KiB))
+    fs.flush()
+    put(fs, fh, model, 5 * 64 * KiB + 100, os.urandom(4 * KiB))
+    fs.flush()
+    assert patch_keys(vol.store, ino) == {}
+    assert errno_from(lambda: fs.write(fh, len(model), b"x")) == errno.ENOSPC
+    fs.release(fh)
+    fs = vol.reopen()
+    assert read_all(fs, ino) == bytes(model)
+    assert fs.getattr(ino).blocks * 512 == 16 * 64 * KiB
+    assert fsck(vol.store).clean
+
+
 def test_statfs_reports_capacity_and_usage(vol: Volume) -> None:
     st = vol.fs.statfs()
     assert (st.bsize, st.frsize, st.namemax) == (4096, 4096, 255)
