@@ -328,6 +328,16 @@ def chunk_ref(store: Store, ino: int, index: int) -> object:
     return store.volume("v").get(chunk_key(ino, index))
 
 
+def assert_usage_matches(vol: Volume, fs: Filesystem, *inos: int) -> None:
+    """Usage and st_blocks agree with the chunks and patches the store holds."""
+    total = 0
+    for ino in inos:
+        stored = sum(v.raw_length for _, v in vol.store.volume("v").scan(chunk_prefix(ino)))
+        assert fs.getattr(ino).blocks * 512 == -(-stored // 512) * 512
+        total += stored
+    assert vol.store.get_volume("v").used == total
+
+
 def patched_file(vol: Volume, chunks: int = 4) -> tuple[int, int, bytearray]:
     """A file of ``chunks`` stored 64 KiB chunks, flushed: (handle, ino, model)."""
     model = bytearray(os.urandom(chunks * 64 * KiB))
@@ -472,6 +482,11 @@ def test_copy_range_never_shares_a_patched_chunk(make_volume: Callable[..., Volu
     assert chunk_ref(vol.store, dst, 0) == chunk_ref(vol.store, src, 0)  # shared
     assert chunk_ref(vol.store, dst, 1) != chunk_ref(vol.store, src, 1)  # patched: copied
     assert read_all(fs, dst) == bytes(model)
+    put(fs, dfh, model, 200, os.urandom(100))  # over the copy, not the patch it replaced
+    fs.flush()
+    assert patch_keys(vol.store, dst) == {0: [(200, 100)]}
+    assert read_all(fs, dst) == bytes(model)
+    assert_usage_matches(vol, fs, src, dst)
     fs.release(sfh)
     fs.release(dfh)
     fs = vol.reopen()
@@ -551,6 +566,12 @@ def test_a_full_volume_gives_patch_bytes_back_to_writers(
     assert patch_keys(vol.store, ino) == {}
     assert vol.store.get_volume("v").used == 15 * 64 * KiB
     assert fs.getattr(ino).blocks * 512 == 15 * 64 * KiB
+    put(fs, fh, model, 100, os.urandom(4 * KiB))  # commits learn the merged chunks anew
+    fs.flush()
+    assert patch_keys(vol.store, ino) == {0: [(100, 4 * KiB)]}
+    assert_usage_matches(vol, fs, ino)
+    put(fs, fh, model, 100, bytes(4 * KiB))
+    fs.flush()
     # Full to the last byte: overwriting in place still works (no patch, no new space).
     put(fs, fh, model, len(model), os.urandom(64 * KiB))
     fs.flush()
