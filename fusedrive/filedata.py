@@ -30,7 +30,7 @@ flushes and re-checks before reporting ENOSPC.
 Patches (see ``schema``): a write of part of one chunk that has no dirty buffer
 becomes a patch of the live layer, so it needs no fetch and its flush stores only
 the bytes written. Deciding costs no store access: within the live layer a patch
-replaces the older ones it covers and absorbs the ones it overlaps in part; past
+absorbs the older ones it overlaps or touches; past
 ``PATCH_MAX`` patches or half a chunk of patch bytes the write makes a dirty buffer
 instead (whose commit deletes the chunk's patches). The commit meets the stored
 patches: it deletes those a new one covers, and if a new one overlaps a stored one
@@ -781,14 +781,15 @@ class FileData:
 
         None if not: the chunk has a dirty buffer or is hidden, or the live layer's
         patches of the chunk would pass the limits. Otherwise (offset, bytes, the
-        live patches it replaces): a patch that overlaps live ones in part absorbs
-        them. The store is not consulted (the commit meets the stored patches).
+        live patches it replaces): a patch absorbs the live ones it overlaps or
+        touches. The store is not consulted (the commit meets the stored patches).
         """
         if not self.patchable(ino, size, index):
             return None
         e = s + len(data)
         mine = self.live.patches_of(ino, index) or {}
-        replaced = [o for o, d in mine.items() if o < e and o + len(d) > s]
+        # Patches it overlaps or touches become one (small sequential writes grow one patch).
+        replaced = [o for o, d in mine.items() if o <= e and o + len(d) >= s]
         start, stop = s, e
         for o in replaced:
             start, stop = min(start, o), max(stop, o + len(mine[o]))

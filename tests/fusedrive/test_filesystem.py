@@ -417,14 +417,16 @@ def test_patches_cover_overlap_and_absorb_each_other(make_volume: Callable[..., 
     put(fs, fh, model, 1000, os.urandom(500))
     put(fs, fh, model, 1200, os.urandom(600))  # overlaps the live one in part: one patch
     put(fs, fh, model, 9000, os.urandom(100))
+    for off in range(20000, 32000, 4000):  # small sequential writes grow one patch
+        put(fs, fh, model, off, os.urandom(4000))
     fs.flush()
-    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (9000, 100)]
+    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (9000, 100), (20000, 12000)]
     put(fs, fh, model, 8000, os.urandom(2000))  # covers the stored patch at 9000
     fs.flush()
-    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (8000, 2000)]
+    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (8000, 2000), (20000, 12000)]
     put(fs, fh, model, 8000, os.urandom(2500))  # same offset, longer: replaces it
     fs.flush()
-    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (8000, 2500)]
+    assert patch_keys(vol.store, ino)[0] == [(1000, 800), (8000, 2500), (20000, 12000)]
     base = chunk_ref(vol.store, ino, 0)
     put(fs, fh, model, 1500, os.urandom(1000))  # overlaps a stored patch in part
     fs.flush()
