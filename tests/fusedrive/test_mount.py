@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import mmap
 import os
+import random
 import signal
 import socket
 import stat
@@ -26,7 +28,7 @@ import pytest
 
 from blockstore import Store, fsck
 from fusedrive import Filesystem, request_flush
-from fusedrive.schema import ROOT_INO
+from fusedrive.schema import ROOT_INO, chunk_prefix, patch_offset
 
 pytestmark = pytest.mark.needs_fuse
 
@@ -364,6 +366,45 @@ def test_fsync_survives_sigkill_of_the_daemon(mounts: FuseMounts, mnt: Path) -> 
     mounts.mount("--volume", "v")
     assert (mnt / "durable").read_bytes() == data
     assert (mnt / "d").is_dir()
+
+
+def test_small_writes_after_sigkill_are_a_prefix_and_fsyncd_ones_stay(
+    mounts: FuseMounts, mnt: Path
+) -> None:
+    """Small writes into stored chunks are patches: a crash keeps every fsync'd one,
+    and what survives of the rest is the file as it was after some later write."""
+    rng = random.Random(5)
+    model = bytearray(rng.randbytes(16 * 64 * 1024))
+    path = mnt / "patched"
+    path.write_bytes(model)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        states = [hashlib.sha256(model).digest()]
+        synced = 0
+        for i in range(300):
+            off, n = rng.randrange(len(model) - 5000), rng.choice([1, 512, 4096, 5000])
+            body = rng.randbytes(n)
+            os.pwrite(fd, body, off)
+            model[off : off + n] = body
+            states.append(hashlib.sha256(model).digest())
+            if i % 25 == 24 and i < 250:
+                os.fsync(fd)
+                synced = len(states) - 1
+    finally:
+        os.close(fd)
+    ino = path.stat().st_ino
+    daemon = mounts.daemon(mnt)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(EXIT_TIMEOUT)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], check=True)
+    with Store(mounts.store) as s:
+        assert fsck(s).clean
+        keys = [k for k, _ in s.volume("v").scan(chunk_prefix(ino))]
+    assert any(patch_offset(k) is not None for k in keys)  # the writes were patches
+    mounts.mount("--volume", "v")
+    got = hashlib.sha256(path.read_bytes()).digest()
+    assert got in states[synced:], "the file is not the state after any write since the fsync"
 
 
 def test_sigterm_flushes_and_unmounts(mounts: FuseMounts, mnt: Path) -> None:
