@@ -20,7 +20,7 @@ import pytest
 from blockstore import MODE_BLOCK, ChunkRef, Store, fsck
 from fusedrive import Ctx, Filesystem, FsError
 from fusedrive.errors import ERRNO_OF_STORE_ERROR, errno_of
-from fusedrive.filedata import PATCH_MAX
+from fusedrive.filedata import PATCH_MAX, PATCH_SHARE
 from fusedrive.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from fusedrive.schema import (
     ROOT_INO,
@@ -390,10 +390,12 @@ def test_patches_are_merged_into_the_chunk_past_their_limits(
     fs.flush()
     assert 2 not in patch_keys(vol.store, ino)  # the chunk was rewritten whole
     assert chunk_ref(vol.store, ino, 2) != base
-    # Half a chunk of patch bytes is the other limit.
-    put(fs, fh, model, 3 * 64 * KiB, os.urandom(30000))
+    # 1/PATCH_SHARE of a chunk in patch bytes is the other limit.
+    share = 64 * KiB // PATCH_SHARE
+    put(fs, fh, model, 3 * 64 * KiB, os.urandom(share - 1000))
     fs.flush()
-    put(fs, fh, model, 3 * 64 * KiB + 40000, os.urandom(3000))
+    assert patch_keys(vol.store, ino)[3] == [(0, share - 1000)]
+    put(fs, fh, model, 3 * 64 * KiB + 40000, os.urandom(1001))
     fs.flush()
     assert 3 not in patch_keys(vol.store, ino)
     # In the live layer the limits make a dirty buffer at once.
