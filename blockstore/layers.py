@@ -259,20 +259,37 @@ def set_version(
     return old
 
 
+def any_version(
+    txn: lmdb.Transaction, dbs: Databases, lin: Lineage, start: bytes, stop: bytes
+) -> bool:
+    """Whether any layer of ``lin``'s family holds a version of a key in [start, stop).
+
+    One cursor seek; True does not mean the view sees such a key (``scan`` decides).
+    """
+    fam = u64(lin.family)
+    cur = txn.cursor(db=dbs.entries)
+    return bool(cur.set_range(fam + enc(start))) and cur.key() < fam + enc(stop)
+
+
 def scan(
     txn: lmdb.Transaction,
     dbs: Databases,
     lin: Lineage,
     prefix: bytes,
     start: bytes | None = None,
+    stop: bytes | None = None,
 ) -> Iterator[tuple[bytes, Value]]:
     """Visible (key, value) pairs whose key starts with ``prefix``, in key order.
 
-    With ``start``, keys before ``start`` are skipped (``start`` itself included).
+    With ``start``, keys before ``start`` are skipped (``start`` itself included);
+    with ``stop``, the scan ends before ``stop``.
     """
     fam = u64(lin.family)
     eprefix = fam + enc_body(prefix)
     seek = eprefix if start is None or start < prefix else fam + enc(start)
+    # enc is order-preserving and no encoded key is a prefix of another, so an
+    # entry's key sorts before fam + enc(stop) exactly when its key is below stop.
+    estop = None if stop is None else fam + enc(stop)
     cur = txn.cursor(db=dbs.entries)
     if not cur.set_range(seek):
         return
@@ -281,7 +298,7 @@ def scan(
     ok = True
     while ok:
         k = cur.key()
-        if not k.startswith(eprefix):
+        if not k.startswith(eprefix) or (estop is not None and k >= estop):
             return
         ekey_end = len(k) - 8
         keypart = k[:ekey_end]

@@ -129,9 +129,17 @@ class View:
             refs: list[ChunkRef] = []
             where: list[tuple[int, bytes]] = []
             for i, (start, stop) in enumerate(ranges):
-                for key, value in ly.scan(txn, store.dbs, lin, b"", start):
-                    if key >= stop:
-                        break
+                # A range holding only its first key (the common case) costs a plain
+                # lookup and one cursor seek; anything after it is walked.
+                found: list[tuple[bytes, Value | None]] = [
+                    (start, ly.lookup(txn, store.dbs, lin, start))
+                ]
+                after = start + b"\0"  # the first key after start
+                if ly.any_version(txn, store.dbs, lin, after, stop):
+                    found += ly.scan(txn, store.dbs, lin, b"", after, stop)
+                for key, value in found:
+                    if value is None:
+                        continue
                     if not isinstance(value, ChunkRef):
                         raise InvalidArgument(f"entry {key!r} is not a chunk")
                     refs.append(value)
