@@ -353,6 +353,16 @@ def put(fs: Filesystem, fh: int, model: bytearray, off: int, data: bytes) -> Non
     model[off : off + len(data)] = data
 
 
+def reopen_and_check(vol: Volume, handles: list[int], ino: int, model: bytearray) -> Filesystem:
+    """Release ``handles``, reopen with an empty cache, check ``ino`` and fsck."""
+    for fh in handles:
+        vol.fs.release(fh)
+    fs = vol.reopen()
+    assert read_all(fs, ino) == bytes(model)
+    assert fsck(vol.store).clean
+    return fs
+
+
 def test_small_write_into_a_stored_chunk_stores_only_its_bytes(
     make_volume: Callable[..., Volume],
 ) -> None:
@@ -368,10 +378,7 @@ def test_small_write_into_a_stored_chunk_stores_only_its_bytes(
     assert chunk_ref(vol.store, ino, 1) == base  # the chunk itself is untouched
     assert vol.store.get_volume("v").used == used + 4 * KiB
     assert fs.getattr(ino).blocks == alloc + 8  # st_blocks counts the patch
-    fs.release(fh)
-    fs = vol.reopen()  # an empty cache: the store's chunk and patch are merged on read
-    assert read_all(fs, ino) == bytes(model)
-    assert fsck(vol.store).clean
+    reopen_and_check(vol, [fh], ino, model)  # the store's chunk and patch merged on read
 
 
 def test_patches_are_merged_into_the_chunk_past_their_limits(
@@ -403,13 +410,8 @@ def test_patches_are_merged_into_the_chunk_past_their_limits(
         put(fs, fh, model, i * 5000, os.urandom(100))
     fs.flush()
     assert 0 not in patch_keys(vol.store, ino)
-    fs.release(fh)
-    fs = vol.reopen()
-    assert read_all(fs, ino) == bytes(model)
-    assert vol.store.get_volume("v").used == sum(
-        v.raw_length for _, v in vol.store.volume("v").scan(chunk_prefix(ino))
-    )
-    assert fsck(vol.store).clean
+    fs = reopen_and_check(vol, [fh], ino, model)
+    assert_usage_matches(vol, fs, ino)
 
 
 def test_patches_cover_overlap_and_absorb_each_other(make_volume: Callable[..., Volume]) -> None:
@@ -434,10 +436,7 @@ def test_patches_cover_overlap_and_absorb_each_other(make_volume: Callable[..., 
     fs.flush()
     assert 0 not in patch_keys(vol.store, ino)
     assert chunk_ref(vol.store, ino, 0) != base
-    fs.release(fh)
-    fs = vol.reopen()
-    assert read_all(fs, ino) == bytes(model)
-    assert fsck(vol.store).clean
+    reopen_and_check(vol, [fh], ino, model)
 
 
 def test_zero_writes_truncate_and_punch_over_patches(make_volume: Callable[..., Volume]) -> None:
@@ -459,9 +458,7 @@ def test_zero_writes_truncate_and_punch_over_patches(make_volume: Callable[..., 
     assert set(patch_keys(vol.store, ino)) == {1}
     assert chunk_ref(vol.store, ino, 2) is None
     assert fs.read(fh, 0, len(model) + 10) == bytes(model)
-    fs.release(fh)
-    fs = vol.reopen()
-    assert read_all(fs, ino) == bytes(model)
+    fs = reopen_and_check(vol, [fh], ino, model)
     fs.unlink(ROOT, b"f")
     fs = vol.reopen()
     assert vol.store.volume("v").scan(chunk_prefix(ino)) == []
@@ -491,11 +488,7 @@ def test_copy_range_never_shares_a_patched_chunk(make_volume: Callable[..., Volu
     assert patch_keys(vol.store, dst) == {0: [(200, 100)]}
     assert read_all(fs, dst) == bytes(model)
     assert_usage_matches(vol, fs, src, dst)
-    fs.release(sfh)
-    fs.release(dfh)
-    fs = vol.reopen()
-    assert read_all(fs, dst) == bytes(model)
-    assert fsck(vol.store).clean
+    reopen_and_check(vol, [sfh, dfh], dst, model)
 
 
 def test_snapshots_and_clones_keep_their_patches(make_volume: Callable[..., Volume]) -> None:
@@ -514,10 +507,7 @@ def test_snapshots_and_clones_keep_their_patches(make_volume: Callable[..., Volu
     assert read_all(snap, ino) == then
     clone = Filesystem(vol.store.volume("c1"))
     assert read_all(clone, ino) == then
-    fs.release(fh)
-    fs = vol.reopen()
-    assert read_all(fs, ino) == bytes(model)
-    assert fsck(vol.store).clean
+    reopen_and_check(vol, [fh], ino, model)
 
 
 def test_dirty_buffers_are_bounded(make_volume: Callable[..., Volume]) -> None:
