@@ -644,23 +644,10 @@ class FileData:
             out.append(got if isinstance(got, bytes) else bytes(got))
         return out
 
-    def _stored_extents(self, ino: int, index: int) -> tuple[int, dict[int, int]]:
-        """(stored length of the chunk itself, {patch offset: length}) from the store."""
-        length = 0
-        patches: dict[int, int] = {}
-        for key, value in self.view.scan(chunk_key(ino, index)):
-            if not isinstance(value, ChunkRef):
-                continue
-            off = patch_offset(key)
-            if off is None:
-                length = value.raw_length
-            else:
-                patches[off] = value.raw_length
-        return length, patches
-
     def _stored_length(self, ino: int, index: int) -> int:
-        length, patches = self._stored_extents(ino, index)
-        return max([length, *(o + n for o, n in patches.items())])
+        """The length of a stored chunk with its stored patches applied."""
+        entries = self.view.scan(chunk_key(ino, index))
+        return _extent({k: v for k, v in entries if isinstance(v, ChunkRef)})
 
     def update_chunk(
         self, ino: int, size: int, index: int, length_if_replaced: int | None = None
@@ -791,7 +778,9 @@ class FileData:
         live patches it replaces): a patch absorbs the live ones it overlaps or
         touches. The store is not consulted (the commit meets the stored patches).
         """
-        if not self.patchable(ino, size, index):
+        if index * self.chunk_size >= size or any(
+            layer.lookup_chunk(ino, index) is not None for layer in self.layers()
+        ):
             return None
         e = s + len(data)
         mine = self.live.patches_of(ino, index) or {}
@@ -816,12 +805,6 @@ class FileData:
         if not piece.strip(b"\0"):
             return None  # all zeros would be a hole, which the store does not keep
         return start, piece, replaced
-
-    def patchable(self, ino: int, size: int, index: int) -> bool:
-        """False if a partial write of the chunk cannot be a patch (no store lookup)."""
-        if index * self.chunk_size >= size:
-            return False
-        return all(layer.lookup_chunk(ino, index) is None for layer in self.layers())
 
     @property
     def flush_threshold(self) -> int:
