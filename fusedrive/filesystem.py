@@ -34,6 +34,7 @@ from .filedata import FileData, FlushJob, Layer
 from .namespace import Attributes, Ctx, Namespace, now_ns
 from .schema import (
     DISK_IMAGE_NAME,
+    FORMAT,
     NAME_MAX,
     ORPHAN_PREFIX,
     ROOT_INO,
@@ -131,6 +132,10 @@ class Filesystem(Namespace):
             self.next_ino, self.inode_count = sb.next_ino, sb.inode_count
             if not self.read_only:
                 self._delete_orphans()
+                if sb.format < FORMAT:
+                    self.sb_dirty = True  # the superblock is rewritten in the current format
+                    self.flush()
+                    log.info("event=format_upgraded volume=%s from=%d", view.name, sb.format)
         self._grow_disk_image()
 
     # -- mkfs, orphans, block image ---------------------------------------------------------------

@@ -60,7 +60,12 @@ from dataclasses import dataclass
 from blockstore import Corrupt
 
 ROOT_INO = 1
-FORMAT = 1
+# Format 2: chunks may carry patches. A format-1 filesystem (from before patches) is
+# read as it is and upgraded when it is first opened read-write, before anything can
+# write a patch; a fusedrive that knows only format 1 refuses format 2 rather than
+# reading chunks without their patches.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 MAGIC = b"FDFS"
 DISK_IMAGE_NAME = b"disk.img"
 NAME_MAX = 255
@@ -167,7 +172,7 @@ class Superblock:
             raise Corrupt("undecodable filesystem superblock") from exc
         if magic != MAGIC:
             raise Corrupt("the volume does not hold a fusedrive filesystem")
-        if fmt != FORMAT:
+        if fmt not in READABLE_FORMATS:
             raise Corrupt(f"filesystem format {fmt} is not supported")
         return cls(chunk_size, next_ino, count, fmt)
 

@@ -13,6 +13,7 @@ import random
 import stat
 import tracemalloc
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ from fusedrive.errors import ERRNO_OF_STORE_ERROR, errno_of
 from fusedrive.filedata import PATCH_MAX, PATCH_SHARE
 from fusedrive.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from fusedrive.schema import (
+    FORMAT,
     ROOT_INO,
+    SUPERBLOCK_KEY,
+    Superblock,
     chunk_index,
     chunk_key,
     chunk_prefix,
@@ -508,6 +512,28 @@ def test_snapshots_and_clones_keep_their_patches(make_volume: Callable[..., Volu
     clone = Filesystem(vol.store.volume("c1"))
     assert read_all(clone, ino) == then
     reopen_and_check(vol, [fh], ino, model)
+
+
+def test_a_filesystem_from_before_patches_is_upgraded_when_opened_for_writing(
+    make_volume: Callable[..., Volume],
+) -> None:
+    vol = make_volume(params=CS64)
+    fh, ino, model = patched_file(vol)
+    vol.fs.release(fh)
+    vol.fs.close()
+    sb = Superblock.unpack(vol.store.volume("v").get(SUPERBLOCK_KEY))  # type: ignore[arg-type]
+    assert sb.format == FORMAT == 2
+    vol.store.volume("v").put(SUPERBLOCK_KEY, replace(sb, format=1).pack())
+    ro = Filesystem(vol.store.volume("v"), read_only=True)  # read as it is, not changed
+    assert read_all(ro, ino) == bytes(model)
+    assert Superblock.unpack(vol.store.volume("v").get(SUPERBLOCK_KEY)).format == 1  # type: ignore[arg-type]
+    fs = vol.reopen(clean=False)
+    assert Superblock.unpack(vol.store.volume("v").get(SUPERBLOCK_KEY)).format == 2  # type: ignore[arg-type]
+    assert read_all(fs, ino) == bytes(model)
+    vol.store.volume("v").put(SUPERBLOCK_KEY, replace(sb, format=3).pack())
+    with pytest.raises(FsError, match="format 3 is not supported") as info:
+        Filesystem(vol.store.volume("v"))
+    assert info.value.errno == errno.EIO
 
 
 def test_dirty_buffers_are_bounded(make_volume: Callable[..., Volume]) -> None:
