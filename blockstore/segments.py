@@ -16,10 +16,14 @@ Rules (all writers hold LMDB's write lock, so appends never race):
   that never committed and are simply overwritten;
 - every segment written in a transaction is fdatasync'd before LMDB commits, so a
   committed location always names durable bytes;
-- space is given back only after the transaction that freed it committed: the
-  record's blocks are punched out (``fallocate`` PUNCH_HOLE), and a sealed segment
-  with no live bytes is deleted. A crash in between leaks space until
-  ``fsck --repair`` punches it.
+- space is given back only after the transaction that freed it committed and every
+  reader that could still see the record has finished (LMDB's reader table: no
+  read transaction older than the freeing one, in any process): the record's
+  blocks are punched out (``fallocate`` PUNCH_HOLE), and a sealed segment with no
+  live bytes is deleted. A crash in between leaks space until ``fsck --repair``
+  punches it. (Measured before the reader check: a thread reading 8 chunks while
+  another rewrote them read a punched record, "does not match its hash", 77 times
+  in 40,000 reads.)
 - the punching is done by one background thread per process (``_Reclaimer``), off
   the commit path: a punch costs about 95 µs here (30 µs of CPU, the rest waiting on
   ext4's journal), one per rewritten chunk, and it held up every small random write.
@@ -41,6 +45,8 @@ import os
 import queue
 import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import Corrupt
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 SEGMENT_BYTES = 256 << 20
 MAX_READ_BYTES = 4 << 20  # one pread of neighbouring records reads at most this
+READER_WAIT_S = 5.0  # longest a punch waits for older readers (reads take milliseconds)
 _LOC = struct.Struct(">QQI")
 _SEG = struct.Struct(">QQ")
 
@@ -101,12 +108,16 @@ def coalesce(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
+_Job = tuple[list[tuple[int, int, int]], list[int], int]  # ranges, dead segments, txn id
+
+
 class _Reclaimer:
     """A daemon thread that gives back freed space in the order it was freed."""
 
     def __init__(self, files: SegmentFiles) -> None:
         self.files = files
-        self.jobs: queue.Queue[tuple[list[tuple[int, int, int]], list[int]] | None] = queue.Queue()
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.stuck: int | None = None  # a reader given up on (see _wait_for_readers)
         self.thread = threading.Thread(target=self._run, name="segment-reclaimer", daemon=True)
         self.thread.start()
 
@@ -116,11 +127,33 @@ class _Reclaimer:
             try:
                 if job is None:
                     return
-                self.files.release_now(*job)
+                ranges, dead, txnid = job
+                self._wait_for_readers(txnid)
+                self.files.release_now(ranges, dead)
             except Exception:  # a failed punch leaks space, never data: keep going
                 log.exception("event=reclaim_failed")
             finally:
                 self.jobs.task_done()
+
+    def _wait_for_readers(self, txnid: int) -> None:
+        """Wait until no read transaction older than ``txnid`` is open (bounded)."""
+        oldest = self.files.oldest_reader
+        if oldest is None:
+            return
+        pause = 0.0005
+        deadline = time.monotonic() + READER_WAIT_S
+        while True:
+            first = oldest()
+            if first is None or first >= txnid or first == self.stuck:
+                return
+            if time.monotonic() >= deadline:
+                # A reader this old is stuck (or leaked): give the space back anyway,
+                # and do not wait for it again.
+                log.warning("event=reclaim_reader_wait_expired txn=%d reader=%d", txnid, first)
+                self.stuck = first
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     def settle(self) -> None:
         self.jobs.join()
@@ -133,7 +166,11 @@ class _Reclaimer:
 class SegmentFiles:
     """This process's open segment files (one descriptor per segment, shared by threads)."""
 
-    def __init__(self, store_path: Path) -> None:
+    def __init__(
+        self, store_path: Path, oldest_reader: Callable[[], int | None] | None = None
+    ) -> None:
+        # The id of the oldest open read transaction (any process), or None if none.
+        self.oldest_reader = oldest_reader
         self.dir = store_path / "segments"
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
@@ -213,14 +250,14 @@ class SegmentFiles:
         for seg in segments:
             os.fdatasync(self.fd(seg))
 
-    def release(self, ranges: list[tuple[int, int, int]], dead: list[int]) -> None:
-        """Queue freed records and dead segments for the reclaimer (after their commit)."""
+    def release(self, ranges: list[tuple[int, int, int]], dead: list[int], txnid: int) -> None:
+        """Queue records and dead segments freed by committed transaction ``txnid``."""
         if not ranges and not dead:
             return
         with self._lock:
             if self._reclaimer is None:
                 self._reclaimer = _Reclaimer(self)
-            self._reclaimer.jobs.put((ranges, dead))
+            self._reclaimer.jobs.put((ranges, dead, txnid))
 
     def settle(self) -> None:
         """Wait until everything released so far has been given back."""

@@ -167,9 +167,9 @@ class _Txn:
                 self.txn.put(key, pack_segment(max(live, 0), end), db=self.dbs.segments)
         self.store.segments.sync(self._written)
 
-    def after_commit(self) -> None:
+    def after_commit(self, txnid: int) -> None:
         if self._freed or self._dead:
-            self.store.segments.release(self._freed, self._dead)
+            self.store.segments.release(self._freed, self._dead, txnid)
 
     # -- chunk references -------------------------------------------------
     def ref_new(self, prep: ch.PreparedChunk) -> None:
@@ -282,7 +282,7 @@ class Store:
             raise _translate_lmdb(exc) from exc
         self.dbs = ly.Databases(self.env)
         self.lineages = ly.LineageCache()
-        self.segments = SegmentFiles(self.path)
+        self.segments = SegmentFiles(self.path, self._oldest_reader)
         try:
             self._settings(compression_level, chunk_hash)
         except BaseException:
@@ -313,8 +313,8 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------
     def close(self) -> None:
+        self.segments.close()  # first: giving space back consults the reader table
         self.env.close()
-        self.segments.close()
 
     def __enter__(self) -> Store:
         return self
@@ -329,6 +329,15 @@ class Store:
             # Another process grew the map: adopt its size and retry once.
             self.env.set_mapsize(0)
             return self.env.begin(write=write)
+
+    def _oldest_reader(self) -> int | None:
+        """The transaction id of the oldest open read transaction in any process."""
+        ids = []
+        for line in self.env.readers().splitlines()[1:]:  # "pid thread txnid", "-": idle
+            txnid = line.split()[-1] if line.strip() else "-"
+            if txnid != "-":
+                ids.append(int(txnid))
+        return min(ids, default=None)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
@@ -346,6 +355,7 @@ class Store:
             yield t
             t.commit_counters()
             t.finish_segments()
+            txnid = txn.id()  # readers older than this may still see what it freed
             txn.commit()
         except lmdb.Error as exc:
             txn.abort()
@@ -353,7 +363,7 @@ class Store:
         except BaseException:
             txn.abort()
             raise
-        t.after_commit()
+        t.after_commit(txnid)
 
     def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
         raw = txn.get(key, db=self.dbs.meta)
