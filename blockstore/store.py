@@ -334,9 +334,9 @@ class Store:
         """The transaction id of the oldest open read transaction in any process."""
         ids = []
         for line in self.env.readers().splitlines()[1:]:  # "pid thread txnid", "-": idle
-            txnid = line.split()[-1] if line.strip() else "-"
-            if txnid != "-":
-                ids.append(int(txnid))
+            fields = line.split()
+            if len(fields) == 3 and fields[2].isdigit():
+                ids.append(int(fields[2]))
         return min(ids, default=None)
 
     @contextlib.contextmanager
