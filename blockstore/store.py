@@ -332,6 +332,7 @@ class Store:
 
     def _oldest_reader(self) -> int | None:
         """The transaction id of the oldest open read transaction in any process."""
+        self.env.reader_check()  # slots left by dead processes are not readers
         ids = []
         for line in self.env.readers().splitlines()[1:]:  # "pid thread txnid", "-": idle
             fields = line.split()
