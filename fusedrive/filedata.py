@@ -436,32 +436,35 @@ class FlushJob:
     def _patch_unit(self, b: Batch, ino: int, index: int, new: list[_NewPatch]) -> _Unit:
         """Store a chunk's new patches over its stored ones (see the module docstring)."""
         key = chunk_key(ino, index)
-        stored = _refs(b, key)
-        base = stored.pop(key, None)
+        stored = _refs(b, key)  # the chunk itself and its patches
         spans = [(off, off + len(data)) for off, data, _ in new]
         mine = {patch_key(ino, index, off) for off, _, _ in new}
-        kept = 0
+        kept = kept_bytes = gone = 0
         deletes = []
         conflict = False
         for k, ref in stored.items():
+            if k == key:
+                continue
             o = patch_offset(k) or 0
             e = o + ref.raw_length
             hits = [(s, t) for s, t in spans if s < e and t > o]
             if not hits:
-                kept += ref.raw_length
+                kept += 1
+                kept_bytes += ref.raw_length
             elif any(s <= o and e <= t for s, t in hits):
+                gone += ref.raw_length
                 if k not in mine:
                     deletes.append(k)  # covered by a new patch (one at its offset replaces it)
             else:
                 conflict = True
-        gone = sum(ref.raw_length for ref in stored.values()) - kept
-        total = kept + sum(len(data) for _, data, _ in new)
-        count = len(stored) - len(deletes) + len(new) - len(mine & stored.keys())
-        if not conflict and count <= PATCH_MAX and total <= self.chunk_size // PATCH_SHARE:
+        total = kept_bytes + sum(len(data) for _, data, _ in new)
+        if (
+            not conflict
+            and kept + len(new) <= PATCH_MAX
+            and total <= self.chunk_size // PATCH_SHARE
+        ):
             puts = [(patch_key(ino, index, off), prep) for off, _, prep in new]
             return sum(prep.raw_length for _, _, prep in new) - gone, ino, deletes, puts
-        if base is not None:
-            stored[key] = base
         gained, deletes, puts = _rewrite_whole(
             b, key, stored, [(off, data) for off, data, _ in new], self.level
         )
