@@ -32,7 +32,16 @@ Rules (all writers hold LMDB's write lock, so appends never race):
   call it). Freed ranges lie below a segment's recorded end and are never written
   again, so a late punch cannot hit newer data.
 - reads of several chunks (``read_many``) read records that lie next to each other
-  with one pread of at most ``MAX_READ_BYTES``.
+  with one pread of at most ``MAX_READ_BYTES``. A run of at least
+  ``DIRECT_READ_BYTES`` (a sequential reader's batch) is read with O_DIRECT into a
+  buffer each thread keeps, past the page cache: on this machine a buffered read of
+  data not yet in the page cache cost 1.6 s of CPU per GiB (filling new page-cache
+  pages), a direct read 0.13 s (1 MiB reads of a 1 GiB file written, synced and
+  dropped from the cache), and cold sequential 1 MiB reads of a 1 GiB file through
+  a mount went from 406-467 to 532-597 MiB/s (5 runs each, interleaved). Small
+  reads stay buffered, so data read again at random is cached by the kernel.
+  Committed records are durable (synced before the commit), so a direct read never
+  waits for write-back; a file system that refuses O_DIRECT gets buffered reads.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import queue
 import struct
@@ -48,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import Corrupt
 
@@ -56,6 +67,7 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 SEGMENT_BYTES = 256 << 20
 MAX_READ_BYTES = 4 << 20  # one pread of neighbouring records reads at most this
+DIRECT_READ_BYTES = 256 << 10  # a run of records this long is read past the page cache
 READER_WAIT_S = 5.0  # longest a punch waits for older readers (reads take milliseconds)
 _LOC = struct.Struct(">QQI")
 _SEG = struct.Struct(">QQ")
@@ -64,6 +76,18 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+T = TypeVar("T")
+_local = threading.local()
+
+
+def _direct_buffer(n: int) -> memoryview:
+    """This thread's page-aligned buffer for direct reads, at least ``n`` bytes."""
+    buf = getattr(_local, "direct_buffer", None)
+    if buf is None or len(buf) < n:
+        buf = _local.direct_buffer = mmap.mmap(-1, max(aligned(n), MAX_READ_BYTES + ALIGN))
+    return memoryview(buf)[:n]
 
 
 def aligned(n: int) -> int:
@@ -174,6 +198,8 @@ class SegmentFiles:
         self.dir = store_path / "segments"
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self._fds: dict[int, int] = {}
+        self._direct_fds: dict[int, int | None] = {}  # None: the file system refuses O_DIRECT
+        self._retired: list[int] = []  # direct fds given up on, closed by close()
         self._lock = threading.Lock()
         self._reclaimer: _Reclaimer | None = None
 
@@ -208,15 +234,58 @@ class SegmentFiles:
             raise Corrupt(f"segment {seg:016x} is short at offset {off}")
         return data
 
-    def read_many(self, locations: list[bytes]) -> list[memoryview]:
-        """The records at ``locations``, in order; neighbours on disk are read in one pread.
+    def _direct_fd(self, segment: int) -> int | None:
+        try:
+            return self._direct_fds[segment]
+        except KeyError:
+            pass
+        with self._lock:
+            if segment not in self._direct_fds:
+                flags = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
+                try:
+                    self._direct_fds[segment] = os.open(self.path(segment), flags)
+                except FileNotFoundError:
+                    raise Corrupt(f"segment {segment:016x} is missing") from None
+                except OSError as exc:
+                    log.info("event=direct_reads_off segment=%x error=%s", segment, exc)
+                    self._direct_fds[segment] = None
+            return self._direct_fds[segment]
 
-        A file written sequentially has its chunks' records one after another, so a
-        batch of its chunks costs one large read (what the kernel's read-ahead
-        expects) instead of one 64 KiB read per chunk.
+    def _read_run(self, seg: int, start: int, end: int) -> memoryview:
+        """Bytes ``[start, end)`` of a segment; the view is valid until this thread's next
+        direct read."""
+        n = end - start
+        fd = self._direct_fd(seg) if n >= DIRECT_READ_BYTES else None
+        if fd is not None:
+            buf = _direct_buffer(aligned(n))  # start is aligned; the file may end before
+            try:
+                got = os.preadv(fd, [buf], start)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                log.info("event=direct_reads_off segment=%x error=%s", seg, exc)
+                with self._lock:  # another thread may be reading with fd: close it last
+                    self._direct_fds[seg] = None
+                    self._retired.append(fd)
+            else:
+                if got < n:
+                    raise Corrupt(f"segment {seg:016x} is short at offset {start}")
+                return buf[:n]
+        data = os.pread(self.fd(seg), n, start)
+        if len(data) != n:
+            raise Corrupt(f"segment {seg:016x} is short at offset {start}")
+        return memoryview(data)
+
+    def read_many(self, locations: list[bytes], use: Callable[[int, memoryview], T]) -> list[T]:
+        """``use(i, record)`` for the record at each of ``locations``, in their order.
+
+        Neighbours on disk are read in one pread: a file written sequentially has
+        its chunks' records one after another, so a batch of its chunks costs one
+        large read instead of one 64 KiB read per chunk. A record's view is lent to
+        ``use`` and must not be kept: it may be this thread's direct-read buffer.
         """
         spans = [unpack_location(loc) for loc in locations]
-        out = [memoryview(b"")] * len(spans)  # every place is filled below
+        out: list[T | None] = [None] * len(spans)
         order = sorted(range(len(spans)), key=lambda i: spans[i])
         k = 0
         while k < len(order):
@@ -231,13 +300,11 @@ class SegmentFiles:
                 group.append(order[k])
                 end = o2 + n2
                 k += 1
-            data = memoryview(os.pread(self.fd(seg), end - start, start))
-            if len(data) != end - start:
-                raise Corrupt(f"segment {seg:016x} is short at offset {start}")
+            data = self._read_run(seg, start, end)
             for i in group:
                 _, off, n = spans[i]
-                out[i] = data[off - start : off - start + n]
-        return out
+                out[i] = use(i, data[off - start : off - start + n])
+        return out  # type: ignore[return-value]  # every place is filled above
 
     def write(self, segment: int, offset: int, data: bytes) -> None:
         fd = self.fd(segment, create=True)
@@ -285,9 +352,10 @@ class SegmentFiles:
 
     def forget(self, segment: int) -> None:
         with self._lock:
-            fd = self._fds.pop(segment, None)
-        if fd is not None:
-            os.close(fd)
+            fds = [self._fds.pop(segment, None), self._direct_fds.pop(segment, None)]
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
 
     def existing(self) -> list[int]:
         out = []
@@ -315,6 +383,8 @@ class SegmentFiles:
             reclaimer.settle()
             reclaimer.stop()
         with self._lock:
-            fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+            fds = [*self._fds.values(), *self._direct_fds.values(), *self._retired]
+            self._fds, self._direct_fds, self._retired = {}, {}, []
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)

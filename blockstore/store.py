@@ -663,11 +663,10 @@ class Store:
             if location is None:
                 raise Corrupt(f"chunk {ref.digest.hex()[:16]} is missing")
             locations.append(location)
-        records = self.segments.read_many(locations)
-        return [
-            ch.decode(r.digest, rec, r.raw_length, self.chunk_hash)
-            for r, rec in zip(refs, records, strict=True)
-        ]
+        return self.segments.read_many(
+            locations,
+            lambda i, rec: ch.decode(refs[i].digest, rec, refs[i].raw_length, self.chunk_hash),
+        )
 
     def locate_chunk(self, digest: bytes) -> tuple[Path, int, int]:
         """(segment file, offset, length) of a chunk's stored record: for fsck and tests."""
