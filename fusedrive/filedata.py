@@ -78,6 +78,9 @@ INF = 1 << 62  # an index past any chunk of any file (2**63 bytes / 4 KiB chunks
 _SCAN_BATCH = 1024
 _ENTRY_OVERHEAD = 128  # bytes charged per cache entry besides its data
 _AHEAD_BATCH = 16  # chunks per task sent to the prepare pool (tasks are cancelled whole)
+MERGE_SLACK = 8 << 20  # bytes merged beyond what a writer lacks, so the next writes fit
+MERGE_BATCH = 64  # chunks rewritten whole per transaction when merging patches
+_FIRST_CHUNK_KEY = b"C"  # every chunk and patch key starts with this
 # A chunk carries at most PATCH_MAX patches holding at most 1/PATCH_SHARE of a chunk;
 # past that it is rewritten whole. Measured through a mount (1 GiB file, three 10 s
 # random 4 KiB write runs, then random reads): 8 patches and half a chunk wrote
@@ -548,6 +551,7 @@ class FileData:
         self.live = Layer()
         self.inflight: FlushJob | None = None
         self.epoch = 0  # bumped whenever the store's copy of file data may have changed
+        self._merge_from = _FIRST_CHUNK_KEY  # where the next merge of patches starts
         self.used, self.capacity = view.usage()
         # Where writes send chunks to be hashed and compressed before the flush needs
         # them (``prepare_ahead``; the async adapter sets its pool; None: at the flush).
@@ -937,36 +941,55 @@ class FileData:
         self.refresh_usage()
         return rec
 
-    def merge_patches(self) -> dict[int, int]:
-        """Rewrite every chunk that has stored patches whole, in one transaction.
+    def make_room(self, nbytes: int) -> dict[int, int]:
+        """Merge stored patches into their chunks until ``nbytes`` more fit, or none is left.
 
         Patches cost bytes beyond the file data they change; a writer that found the
-        volume full merges them to get those bytes back. Call only with nothing
-        buffered. Returns stored bytes gained per inode (negative), whose inode
-        records are updated in the same transaction.
+        volume full merges some to get those bytes back: enough for ``nbytes`` plus
+        ``MERGE_SLACK``, ``MERGE_BATCH`` chunks per transaction, resuming where the
+        last call stopped (and going round once), so the pause is bounded by what
+        the writer needs, not by the volume: here merging every patch of a 1 GiB
+        file after 49k random 4 KiB writes took 3.3 s, making room for one write
+        0.39 s. Call only with nothing buffered. Returns stored bytes
+        gained per inode (negative); the inode records change in the same
+        transactions.
         """
         assert not self.live and self.inflight is None, "merging needs an empty buffer"
+        self.refresh_usage()
+        want = self.used + nbytes - self.capacity + MERGE_SLACK
         deltas: dict[int, int] = defaultdict(int)
-        with self.view.batch() as b:
-            patched = sorted(
-                {
-                    (chunk_index(k), k[:CHUNK_KEY_LEN])
-                    for k, _ in b.scan(b"C")
-                    if len(k) > CHUNK_KEY_LEN
-                }
-            )
-            for _, key in patched:
-                gained, deletes, puts = _rewrite_whole(b, key, _refs(b, key), [], self.level)
-                for k in deletes:
-                    b.delete(k)
-                for k, prep in puts:
-                    b.put_chunk(k, prep)
-                deltas[chunk_ino(key)] += gained
-            for ino, delta in deltas.items():
-                raw = b.get(inode_key(ino))
-                if isinstance(raw, bytes):
-                    rec = InodeRecord.unpack(raw)
-                    b.put(inode_key(ino), _with_alloc(rec, rec.alloc + delta).pack())
+        origin = start = self._merge_from
+        wrapped = False
+        freed = 0
+        while freed < want:
+            with self.view.batch() as b:
+                keys, resume = _patched_chunks(b, start, MERGE_BATCH)
+                mine: dict[int, int] = defaultdict(int)
+                for key in keys:
+                    gained, deletes, puts = _rewrite_whole(b, key, _refs(b, key), [], self.level)
+                    for k in deletes:
+                        b.delete(k)
+                    for k, prep in puts:
+                        b.put_chunk(k, prep)
+                    mine[chunk_ino(key)] += gained
+                    freed -= gained
+                for ino, delta in mine.items():
+                    raw = b.get(inode_key(ino))
+                    if isinstance(raw, bytes):
+                        rec = InodeRecord.unpack(raw)
+                        b.put(inode_key(ino), _with_alloc(rec, rec.alloc + delta).pack())
+            for ino, delta in mine.items():
+                deltas[ino] += delta
+            if resume is not None:
+                start = resume
+                if wrapped and start >= origin:
+                    break  # went round: every patched chunk was seen
+                continue
+            start = _FIRST_CHUNK_KEY  # the end: go round once, from the first chunk
+            if wrapped or origin == _FIRST_CHUNK_KEY:
+                break
+            wrapped = True
+        self._merge_from = start
         if deltas:
             self.cache.clear()
             self.epoch += 1
@@ -1039,6 +1062,22 @@ class FileData:
         if epoch == self.epoch:
             for index, data in chunks:
                 self.cache.put((ino, index), data)
+
+
+def _patched_chunks(b: Batch, start: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
+    """Keys of up to ``limit`` chunks with stored patches, from ``start`` in key order,
+    and the key to resume at (None: the end was reached)."""
+    found: list[bytes] = []
+    for k, _ in b.scan(_FIRST_CHUNK_KEY, start):
+        if len(k) <= CHUNK_KEY_LEN:
+            continue  # a chunk's own entry
+        key = k[:CHUNK_KEY_LEN]
+        if found and found[-1] == key:
+            continue
+        if len(found) == limit:
+            return found, key
+        found.append(key)
+    return found, None
 
 
 def _lay(buf: bytearray, off: int, data: bytes | bytearray) -> None:

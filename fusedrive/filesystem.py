@@ -336,7 +336,7 @@ class Filesystem(Namespace):
         except FsError as exc:
             # The volume is full and nothing is buffered: the bytes that stored
             # patches cost beyond file data may make room for this write.
-            if exc.errno != errno.ENOSPC or not self._merge_patches():
+            if exc.errno != errno.ENOSPC or not self._make_room(len(data)):
                 raise
             node.size = self.data.write(node.ino, node.size, off, data, self.has_pending())
         if self.handles[fh].flags & os.O_DIRECT:
@@ -358,9 +358,12 @@ class Filesystem(Namespace):
         if node.mode & kill:
             node.mode &= ~kill
 
-    def _merge_patches(self) -> bool:
-        """Merge every stored patch into its chunk (see ``FileData.merge_patches``)."""
-        deltas = self.data.merge_patches()
+    def _make_room(self, nbytes: int) -> bool:
+        """Merge stored patches into their chunks until a write of ``nbytes`` fits (see
+        ``FileData.make_room``); False if there was none to merge."""
+        # A write can grow a chunk by more than its length (the zeros before it in
+        # the chunk are stored), but never by more than one chunk besides.
+        deltas = self.data.make_room(nbytes + self.data.chunk_size)
         for ino, delta in deltas.items():
             node = self.inodes.get(ino)
             if node is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from blockstore import MODE_BLOCK, ChunkRef, Store, fsck
-from fusedrive import Ctx, Filesystem, FsError
+from fusedrive import Ctx, Filesystem, FsError, filedata
 from fusedrive.errors import ERRNO_OF_STORE_ERROR, errno_of
 from fusedrive.filedata import PATCH_MAX, PATCH_SHARE
 from fusedrive.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
@@ -604,6 +604,38 @@ def test_a_full_volume_gives_patch_bytes_back_to_writers(
     assert read_all(fs, ino) == bytes(model)
     assert fs.getattr(ino).blocks * 512 == 16 * 64 * KiB
     assert fsck(vol.store).clean
+
+
+def test_a_full_volume_merges_only_the_patches_a_write_needs(
+    make_volume: Callable[..., Volume], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(filedata, "MERGE_SLACK", 0)
+    monkeypatch.setattr(filedata, "MERGE_BATCH", 2)
+    vol = make_volume(capacity=1 * MiB, params=CS64)
+    fs = vol.fs
+    fh, ino = create(fs, b"f")
+    model = bytearray()
+    put(fs, fh, model, 0, os.urandom(14 * 64 * KiB))
+    fs.flush()
+    for rnd in range(2):  # 8 KiB of patches on each of 14 chunks; 16 KiB left
+        for index in range(14):
+            put(fs, fh, model, index * 64 * KiB + rnd * 8 * KiB, os.urandom(4 * KiB))
+        fs.flush()
+    # 20 KiB more may need 84 KiB (a chunk besides): 68 KiB short, 5 batches of 2 chunks.
+    put(fs, fh, model, len(model), os.urandom(20 * KiB))
+    fs.flush()
+    assert sorted(patch_keys(vol.store, ino)) == [10, 11, 12, 13]
+    assert_usage_matches(vol, fs, ino)
+    for index in (0, 1):  # new patches behind where the merging stopped
+        put(fs, fh, model, index * 64 * KiB + 32 * KiB, os.urandom(4 * KiB))
+    fs.flush()
+    # More than every patch gives back: merging resumes at chunk 10, goes round to
+    # chunks 0 and 1, and the write still fails with nothing lost.
+    assert errno_from(lambda: fs.write(fh, len(model), os.urandom(200 * KiB))) == errno.ENOSPC
+    assert patch_keys(vol.store, ino) == {}
+    assert_usage_matches(vol, fs, ino)
+    fs = reopen_and_check(vol, [fh], ino, model)
+    assert fs.getattr(ino).blocks * 512 == vol.store.get_volume("v").used
 
 
 def test_statfs_reports_capacity_and_usage(vol: Volume) -> None:
