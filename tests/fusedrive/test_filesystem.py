@@ -566,19 +566,28 @@ def test_enospc_at_write_time_and_nothing_lost(make_volume: Callable[..., Volume
     assert fsck(vol.store).clean
 
 
-def test_a_full_volume_gives_patch_bytes_back_to_writers(
+def nearly_full_of_patches(
     make_volume: Callable[..., Volume],
-) -> None:
+) -> tuple[Volume, Filesystem, int, int, bytearray]:
+    """A 1 MiB volume holding 14 chunks of 64 KiB with two 4 KiB patches each: 112 KiB of
+    patches, 16 KiB left. Returns (vol, fs, fh, ino, model)."""
     vol = make_volume(capacity=1 * MiB, params=CS64)
     fs = vol.fs
     fh, ino = create(fs, b"f")
     model = bytearray()
     put(fs, fh, model, 0, os.urandom(14 * 64 * KiB))
     fs.flush()
-    for rnd in range(2):  # 28 patches of 4 KiB: 112 KiB of the 128 KiB left
+    for rnd in range(2):
         for index in range(14):
             put(fs, fh, model, index * 64 * KiB + rnd * 8 * KiB, os.urandom(4 * KiB))
         fs.flush()
+    return vol, fs, fh, ino, model
+
+
+def test_a_full_volume_gives_patch_bytes_back_to_writers(
+    make_volume: Callable[..., Volume],
+) -> None:
+    vol, fs, fh, ino, model = nearly_full_of_patches(make_volume)
     assert sum(len(p) for p in patch_keys(vol.store, ino).values()) == 28
     # 64 KiB more file data fits the capacity: the patches are merged to make room.
     put(fs, fh, model, len(model), os.urandom(64 * KiB))
@@ -611,16 +620,7 @@ def test_a_full_volume_merges_only_the_patches_a_write_needs(
 ) -> None:
     monkeypatch.setattr(filedata, "MERGE_SLACK", 0)
     monkeypatch.setattr(filedata, "MERGE_BATCH", 2)
-    vol = make_volume(capacity=1 * MiB, params=CS64)
-    fs = vol.fs
-    fh, ino = create(fs, b"f")
-    model = bytearray()
-    put(fs, fh, model, 0, os.urandom(14 * 64 * KiB))
-    fs.flush()
-    for rnd in range(2):  # 8 KiB of patches on each of 14 chunks; 16 KiB left
-        for index in range(14):
-            put(fs, fh, model, index * 64 * KiB + rnd * 8 * KiB, os.urandom(4 * KiB))
-        fs.flush()
+    vol, fs, fh, ino, model = nearly_full_of_patches(make_volume)
     # 20 KiB more may need 84 KiB (a chunk besides): 68 KiB short, 5 batches of 2 chunks.
     put(fs, fh, model, len(model), os.urandom(20 * KiB))
     fs.flush()
