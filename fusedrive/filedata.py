@@ -941,7 +941,7 @@ class FileData:
         self.refresh_usage()
         return rec
 
-    def make_room(self, nbytes: int) -> dict[int, int]:
+    def make_room(self, nbytes: int, merged: Callable[[dict[int, int]], None]) -> bool:
         """Merge stored patches into their chunks until ``nbytes`` more fit, or none is left.
 
         Patches cost bytes beyond the file data they change; a writer that found the
@@ -950,14 +950,14 @@ class FileData:
         last call stopped (and going round once), so the pause is bounded by what
         the writer needs, not by the volume: here merging every patch of a 1 GiB
         file after 49k random 4 KiB writes took 3.3 s, making room for one write
-        0.39 s. Call only with nothing buffered. Returns stored bytes
-        gained per inode (negative); the inode records change in the same
-        transactions.
+        0.39 s. Call only with nothing buffered. After each transaction,
+        ``merged`` gets the stored bytes gained per inode (negative), whose inode
+        records changed in it. Returns whether any patch was merged.
         """
         assert not self.live and self.inflight is None, "merging needs an empty buffer"
         self.refresh_usage()
         want = self.used + nbytes - self.capacity + MERGE_SLACK
-        deltas: dict[int, int] = defaultdict(int)
+        any_merged = False
         origin = start = self._merge_from
         wrapped = False
         freed = 0
@@ -978,8 +978,12 @@ class FileData:
                     if isinstance(raw, bytes):
                         rec = InodeRecord.unpack(raw)
                         b.put(inode_key(ino), _with_alloc(rec, rec.alloc + delta).pack())
-            for ino, delta in mine.items():
-                deltas[ino] += delta
+            if keys:
+                any_merged = True
+                self.cache.clear()
+                self.epoch += 1
+                self.refresh_usage()
+                merged(dict(mine))
             if resume is not None:
                 start = resume
                 if wrapped and start >= origin:
@@ -990,11 +994,7 @@ class FileData:
                 break
             wrapped = True
         self._merge_from = start
-        if deltas:
-            self.cache.clear()
-            self.epoch += 1
-            self.refresh_usage()
-        return dict(deltas)
+        return any_merged
 
     # -- flushing ---------------------------------------------------------------------------------
     def freeze(self, records: dict[int, InodeRecord]) -> FlushJob:

@@ -361,16 +361,17 @@ class Filesystem(Namespace):
     def _make_room(self, nbytes: int) -> bool:
         """Merge stored patches into their chunks until a write of ``nbytes`` fits (see
         ``FileData.make_room``); False if there was none to merge."""
+
+        def merged(deltas: dict[int, int]) -> None:
+            for ino, delta in deltas.items():
+                node = self.inodes.get(ino)
+                if node is not None:
+                    node.alloc = max(node.alloc + delta, 0)
+            log.info("event=patches_merged inodes=%d bytes=%d", len(deltas), -sum(deltas.values()))
+
         # A write can grow a chunk by more than its length (the zeros before it in
         # the chunk are stored), but never by more than one chunk besides.
-        deltas = self.data.make_room(nbytes + self.data.chunk_size)
-        for ino, delta in deltas.items():
-            node = self.inodes.get(ino)
-            if node is not None:
-                node.alloc = max(node.alloc + delta, 0)
-        if deltas:
-            log.info("event=patches_merged inodes=%d bytes=%d", len(deltas), -sum(deltas.values()))
-        return bool(deltas)
+        return self.data.make_room(nbytes + self.data.chunk_size, merged)
 
     def _set_size(self, node: Inode, size: int) -> None:
         self.data.truncate(node.ino, node.size, size)
