@@ -87,7 +87,9 @@ def snapshot_message(snap: SnapshotInfo) -> csi_pb2.Snapshot:
     return csi_pb2.Snapshot(
         snapshot_id=snap.name,
         source_volume_id=snap.volume,
-        size_bytes=snap.size,
+        # The CO reads size_bytes as the smallest volume a restore needs (VolumeSnapshot
+        # restoreSize): that is the source's capacity, not the bytes the snapshot stores.
+        size_bytes=snap.capacity,
         creation_time=ts,
         ready_to_use=True,
     )
