@@ -611,3 +611,49 @@ def test_umount_of_a_dead_mount(store_dir: Path, tmp_path: Path, daemons) -> Non
     assert res.returncode == 0, res.stderr
     assert not _mounted(mnt)
     assert _run(store_dir, "fsck").returncode == 0
+
+
+@pytest.mark.needs_fuse
+def test_expand_reaches_a_live_mount_and_a_clean_umount_leaves_no_log(
+    store_dir: Path, tmp_path: Path, runtime: Path, daemons
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemons["mountpoints"].append(mnt)
+    assert _run(store_dir, "volume", "create", "v", "--size", "64MiB").returncode == 0
+    res = _run(store_dir, "mount", "v", str(mnt), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    daemons["pids"].append(info["pid"])
+    st = os.statvfs(mnt)
+    assert st.f_blocks * st.f_frsize == 64 * MiB
+    assert Path(info["log"]).exists()
+
+    res = _run(store_dir, "volume", "expand", "v", "--size", "1GiB")
+    assert res.returncode == 0, res.stderr
+    st = os.statvfs(mnt)  # no remount: `expand` asked the mount to pick it up
+    assert st.f_blocks * st.f_frsize == GiB
+
+    res = _run(store_dir, "umount", str(mnt))
+    assert res.returncode == 0, res.stderr
+    assert not Path(info["log"]).exists()
+    assert list(runtime.glob("*.log")) == [] and list(runtime.glob("*.json")) == []
+
+
+@pytest.mark.needs_fuse
+def test_mount_of_a_record_with_a_bad_parameter_fails_clearly(
+    store_dir: Path, tmp_path: Path, runtime: Path, daemons
+) -> None:
+    """The store takes any parameter (tests force bad ones); the daemon refuses to serve it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemons["mountpoints"].append(mnt)
+    with Store(store_dir) as store:
+        store.create_volume("v", 64 * MiB, parameters={"compression_level": "99"})
+    res = _run(store_dir, "mount", "v", str(mnt))
+    assert res.returncode == 7, res.stderr  # the mount failed
+    assert "volume 'v': invalid parameter compression_level='99'" in res.stderr
+    assert "compression_level must be an integer from 0 (no compression) to 22" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not _mounted(mnt)
+    assert len(list(runtime.glob("*.log"))) == 1  # a failed daemon keeps its log
