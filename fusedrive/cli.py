@@ -11,15 +11,22 @@ for root and ``$XDG_DATA_HOME/fusedrive`` (``~/.local/share/fusedrive``) otherwi
 Only ``volume create`` creates a missing store; every other command reports it.
 
 Sizes are read and printed in human units (``parse_size``/``format_size`` in
-``fusedrive.units``); ``--json`` prints machine-readable output, sizes in bytes.
+``fusedrive.units``); ``--json`` prints machine-readable output, sizes in bytes. A
+volume has at least ``MIN_CAPACITY``; one larger than the free space on the store's
+disk is created (volumes are thin-provisioned) with a warning on stderr.
+``--param KEY=VALUE`` is checked and made canonical by ``fusedrive.parameters``.
+Volumes and snapshots share one namespace (the store refuses a name the other kind
+holds); ``mount --volume|--snapshot`` and ``clone --from-volume|--from-snapshot``
+name the kind anyway, for stores made before that rule.
 
 Mounts (``fusedrive.daemon`` does the work): ``mount`` without ``--foreground``
 starts a detached daemon and returns once its mount is live, or fails with the
-daemon's own error and exit code if it exits first; ``--ready-fd N`` (for
-supervisors) serves in the calling process and writes one byte to N once live.
-``umount`` waits for the daemon to exit, so everything is flushed when it returns.
-Snapshots and clones of a volume mounted this way ask its mounts to flush first,
-and a mounted volume or snapshot cannot be deleted.
+daemon's own error and exit code if it exits first; ``--ready-fd N`` (internal,
+hidden from ``--help``: how ``mount`` starts its daemon) serves in the calling process
+and writes one byte to N once live. ``umount`` waits for the daemon to exit, so
+everything is flushed when it returns. Snapshots and clones of a volume mounted this
+way ask its mounts to flush first, and so does ``volume expand`` (a live mount then
+shows the new size), and a mounted volume or snapshot cannot be deleted.
 
 Invariants: no command prints a traceback; every failure is one line on stderr,
 ``fusedrive: error: ...``, and an exit code from this table (``_EXIT_FOR`` maps
