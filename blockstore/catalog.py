@@ -9,9 +9,13 @@ Databases:
 ``snapshots``  name -> JSON ``SnapshotInfo`` (the frozen layer, the source volume,
                the logical size at the moment it was cut, creation time).
 
-Volumes and snapshots have separate name spaces. Names are 1-128 characters of
-``[A-Za-z0-9._:-]`` and never start with a dot, so a name can safely become a
-file name or a path component.
+Volumes and snapshots share one name space: creating a volume (or clone) named
+like a snapshot, or a snapshot named like a volume, is refused (``refuse_other_kind``,
+called inside the creating transaction), so a name given to ``mount`` or ``clone``
+means one thing. (A store written before this rule may still hold both kinds under
+one name; every lookup names its kind, so reads are unaffected.) Names are 1-128
+characters of ``[A-Za-z0-9._:-]`` and never start with a dot, so a name can safely
+become a file name or a path component.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import Corrupt, InvalidArgument
+from .errors import AlreadyExists, Corrupt, InvalidArgument
 
 MODE_FILESYSTEM = "filesystem"
 MODE_BLOCK = "block"
@@ -39,6 +43,19 @@ def check_name(name: str, what: str = "name") -> bytes:
             "not starting with a dot"
         )
     return name.encode()
+
+
+def refuse_other_kind(txn: Any, other_db: Any, key: bytes, kind: str) -> None:
+    """Refuse creating a ``kind`` ("volume" or "snapshot") whose name the other kind holds.
+
+    ``other_db`` is the other kind's catalog database, ``txn`` the creating transaction.
+    """
+    if txn.get(key, db=other_db) is not None:
+        other = "snapshot" if kind == "volume" else "volume"
+        raise AlreadyExists(
+            f"cannot create {kind} {key.decode()!r}: a {other} has that name "
+            "(volumes and snapshots share one namespace)"
+        )
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .catalog import (
     VolumeInfo,
     check_name,
     pack_vstate,
+    refuse_other_kind,
     unpack_vstate,
 )
 from .errors import (
@@ -420,6 +421,7 @@ class Store:
                 ):
                     raise AlreadyExists(f"volume {name!r} exists with different arguments")
                 return existing
+            refuse_other_kind(t.txn, self.dbs.snapshots, key, "volume")
             head = t.new_layer(parent=0)
             info = VolumeInfo(name, capacity, mode, params, time.time(), "", head, 0)
             self._put_volume(t.txn, info)
@@ -480,6 +482,7 @@ class Store:
                 if existing.volume != volume:
                     raise AlreadyExists(f"snapshot {name!r} exists for volume {existing.volume!r}")
                 return existing
+            refuse_other_kind(t.txn, self.dbs.volumes, key, "snapshot")
             info = self._volume(t.txn, volume)
             frozen = self._freeze_head(t, info)
             t.add_holders(frozen, +1)
@@ -618,6 +621,7 @@ class Store:
         capacity: int | None,
         parameters: dict[str, str] | None,
     ) -> VolumeInfo:
+        refuse_other_kind(t.txn, self.dbs.snapshots, name.encode(), "volume")
         cap = src_capacity if capacity is None else capacity
         _check_capacity(cap)
         if cap < src_capacity:

@@ -8,6 +8,9 @@
 ``fusedrive-csi --endpoint ... --node-id ...`` works as a container entrypoint.
 ``call`` prints the response as JSON; on failure it prints the status code and
 message on stderr and exits 1 (2 for usage errors).
+
+Every option's help states its default (the help texts are checked by
+tests/csi/test_cli_help.py); the examples above are repeated in ``--help``.
 """
 
 from __future__ import annotations
@@ -23,53 +26,141 @@ from typing import Any
 
 DEFAULT_ENDPOINT = "unix:///run/fusedrive/csi.sock"
 
+EXAMPLES = """\
+examples:
+  fusedrive-csi serve --endpoint unix:///csi/csi.sock --node-id NODE --store DIR
+  fusedrive-csi call CreateVolume --name v1 --size 1GiB
+  fusedrive-csi call NodeStageVolume --json '{"volume_id": "v1", ...}'
+
+serve is also the default when the first argument is an option, so
+`fusedrive-csi --endpoint ... --node-id ...` works as a container entrypoint.
+call prints the response as JSON; on failure it prints the status code and
+message on stderr and exits 1 (2 for usage errors).
+"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; every option states its default in its help."""
+
 
 def _serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="run the plugin (Identity, Controller and Node)")
+    from .plugin import DEFAULT_DRIVER_NAME
+
+    p = sub.add_parser(
+        "serve",
+        help="run the plugin (Identity, Controller and Node services)",
+        description="Run the CSI plugin: Identity, Controller and Node on one socket.",
+        formatter_class=_Help,
+    )
     p.add_argument(
         "--endpoint",
+        metavar="URL",
         default=os.environ.get("CSI_ENDPOINT", DEFAULT_ENDPOINT),
-        help="unix:///path/csi.sock (default: $CSI_ENDPOINT or %(default)s)",
+        help="the socket to serve on, unix:///path/csi.sock "
+        "(default: $CSI_ENDPOINT, else %(default)s)",
     )
     p.add_argument(
         "--node-id",
+        metavar="ID",
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
-        help="this node's id (default: $NODE_NAME or the host name)",
+        help="this node's id (default: $NODE_NAME, else the host name: %(default)s)",
     )
     p.add_argument(
         "--store",
+        metavar="DIR",
         default=os.environ.get("FUSEDRIVE_STORE", "/var/lib/fusedrive"),
-        help="the store directory (default: $FUSEDRIVE_STORE or %(default)s)",
+        help="the store directory (default: $FUSEDRIVE_STORE, else %(default)s)",
     )
-    p.add_argument("--state-dir", default=None, help="node state directory (default: <store>-node)")
-    p.add_argument("--driver-name", default=None, help="CSI driver name")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=None,
+        help="the node's state directory (default: the store's path with -node appended)",
+    )
+    p.add_argument(
+        "--driver-name",
+        metavar="NAME",
+        default=None,
+        help=f"the CSI driver name, at most 63 characters (default: {DEFAULT_DRIVER_NAME})",
+    )
     p.add_argument(
         "--metrics-address",
+        metavar="HOST:PORT",
         default=None,
-        help="serve Prometheus metrics on HOST:PORT (off by default)",
+        help="serve Prometheus metrics on HOST:PORT (default: off)",
     )
-    p.add_argument("--socket-group", default=None, help="group allowed on the socket (0660)")
-    p.add_argument("--max-volumes-per-node", type=int, default=0)
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        default=None,
+        help="a group given access to the socket, mode 0660 (default: the socket is 0600)",
+    )
+    p.add_argument(
+        "--max-volumes-per-node",
+        metavar="N",
+        type=int,
+        default=0,
+        help="the volume limit reported in NodeGetInfo (default: 0, no limit)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the least severe messages logged (default: %(default)s)",
+    )
 
 
 def _call_parser(sub: Any) -> None:
-    p = sub.add_parser("call", help="call one RPC and print the response as JSON")
-    p.add_argument("method", help="RPC name, e.g. CreateVolume, NodeStageVolume, Probe")
-    p.add_argument("--endpoint", default=os.environ.get("CSI_ENDPOINT", DEFAULT_ENDPOINT))
-    p.add_argument("--json", dest="body", default=None, help="the request as a JSON object")
-    p.add_argument("--name")
-    p.add_argument("--size", help="capacity_range.required_bytes, e.g. 1GiB")
-    p.add_argument("--volume-id")
-    p.add_argument("--snapshot-id")
-    p.add_argument("--source-volume-id")
-    p.add_argument("--from-snapshot", help="CreateVolume content source: snapshot id")
-    p.add_argument("--from-volume", help="CreateVolume content source: volume id")
-    p.add_argument("--staging-path")
-    p.add_argument("--target-path")
-    p.add_argument("--block", action="store_true", help="block access type (default: mount)")
-    p.add_argument("--readonly", action="store_true")
-    p.add_argument("--access-mode", default="SINGLE_NODE_WRITER")
+    p = sub.add_parser(
+        "call",
+        help="call one RPC and print the response as JSON",
+        description="Call one RPC of a running plugin and print the response as JSON.\n"
+        "Options fill in request fields; --json gives the whole request.",
+        formatter_class=_Help,
+    )
+    p.add_argument("method", help="the RPC's name, e.g. CreateVolume, NodeStageVolume, Probe")
+    p.add_argument(
+        "--endpoint",
+        metavar="URL",
+        default=os.environ.get("CSI_ENDPOINT", DEFAULT_ENDPOINT),
+        help="the plugin's socket (default: $CSI_ENDPOINT, else %(default)s)",
+    )
+    p.add_argument(
+        "--json",
+        dest="body",
+        metavar="OBJECT",
+        default=None,
+        help="the request as a JSON object; the options below override its fields "
+        "(default: an empty request)",
+    )
+    fields = p.add_argument_group("request fields (each unset by default)")
+    fields.add_argument("--name", help="name (CreateVolume, CreateSnapshot)")
+    fields.add_argument("--size", help="capacity_range.required_bytes, with units, e.g. 1GiB")
+    fields.add_argument("--volume-id", metavar="ID", help="volume_id")
+    fields.add_argument("--snapshot-id", metavar="ID", help="snapshot_id")
+    fields.add_argument(
+        "--source-volume-id", metavar="ID", help="source_volume_id (CreateSnapshot)"
+    )
+    fields.add_argument(
+        "--from-snapshot", metavar="ID", help="CreateVolume's content source: a snapshot id"
+    )
+    fields.add_argument(
+        "--from-volume", metavar="ID", help="CreateVolume's content source: a volume id"
+    )
+    fields.add_argument("--staging-path", metavar="PATH", help="staging_target_path")
+    fields.add_argument(
+        "--target-path",
+        metavar="PATH",
+        help="target_path (volume_path for NodeGetVolumeStats and NodeExpandVolume)",
+    )
+    fields.add_argument("--block", action="store_true", help="block access type (default: mount)")
+    fields.add_argument("--readonly", action="store_true", help="readonly (default: false)")
+    fields.add_argument(
+        "--access-mode",
+        metavar="MODE",
+        default="SINGLE_NODE_WRITER",
+        help="the capability's access mode (default: %(default)s)",
+    )
 
 
 def build_request(method: str, a: argparse.Namespace) -> dict[str, Any]:
@@ -160,15 +251,24 @@ def serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusedrive-csi",
+        description="Run the fusedrive CSI plugin, or call one of its RPCs by hand.",
+        epilog=EXAMPLES,
+        formatter_class=_Help,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _serve_parser(sub)
+    _call_parser(sub)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
-    parser = argparse.ArgumentParser(prog="fusedrive-csi", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    _call_parser(sub)
-    a = parser.parse_args(argv)
+    a = build_parser().parse_args(argv)
     return serve(a) if a.command == "serve" else call(a)
 
 

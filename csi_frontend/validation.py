@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from blockstore import InvalidArgument
 from blockstore.catalog import check_name
+from fusedrive import parameters as volume_parameters
 
 from .errors import invalid
 from .proto import csi_pb2
@@ -33,10 +34,11 @@ SUPPORTED_MODES = frozenset(
 )
 READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
 
-# Parameters a StorageClass may set; keys under csi.storage.k8s.io/ come from the
-# sidecars and are ignored.
-KNOWN_PARAMETERS = {"compression_level", "chunk_size"}
-MUTABLE_PARAMETERS = {"compression_level"}
+# Parameters a StorageClass may set: the volume parameters, whose rules live in
+# fusedrive.parameters; keys under csi.storage.k8s.io/ come from the sidecars and
+# are ignored.
+KNOWN_PARAMETERS = volume_parameters.KNOWN
+MUTABLE_PARAMETERS = volume_parameters.MUTABLE
 
 
 def string(value: str, what: str, required: bool = True) -> str:
@@ -87,26 +89,17 @@ def path(value: str, what: str) -> str:
     return value.rstrip("/") or "/"
 
 
-def parameters(values: Mapping[str, str], allowed: set[str]) -> dict[str, str]:
-    """Our own parameters out of ``values``; unknown keys are INVALID_ARGUMENT."""
+def parameters(values: Mapping[str, str], allowed: Iterable[str]) -> dict[str, str]:
+    """Our own parameters out of ``values``, checked and canonical (``fusedrive.parameters``).
+
+    An unknown key or a value breaking its rule is INVALID_ARGUMENT with the message
+    the command line prints for it.
+    """
     mapping(values, "parameters")
-    ours = {}
-    for key, val in values.items():
-        if key.startswith("csi.storage.k8s.io/"):
-            continue
-        if key not in allowed:
-            raise invalid(f"unknown parameter {key!r}; supported: {', '.join(sorted(allowed))}")
-        ours[key] = val
-    if "compression_level" in ours:
-        lvl = ours["compression_level"]
-        if not lvl.lstrip("-").isdigit() or not 0 <= int(lvl) <= 22:
-            raise invalid(f"compression_level must be 0-22, not {lvl!r}")
-    if "chunk_size" in ours:
-        cs = ours["chunk_size"]
-        n = int(cs) if cs.isdigit() else 0
-        if n < 4096 or n > 4 << 20 or n & (n - 1):
-            raise invalid(f"chunk_size must be a power of two from 4096 to 4194304, not {cs!r}")
-    return ours
+    try:
+        return volume_parameters.check(values, allowed, ignore_sidecar=True)
+    except volume_parameters.ParameterError as exc:
+        raise invalid(str(exc)) from None
 
 
 def capability_problem(cap: csi_pb2.VolumeCapability) -> str | None:

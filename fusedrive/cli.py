@@ -11,15 +11,22 @@ for root and ``$XDG_DATA_HOME/fusedrive`` (``~/.local/share/fusedrive``) otherwi
 Only ``volume create`` creates a missing store; every other command reports it.
 
 Sizes are read and printed in human units (``parse_size``/``format_size`` in
-``fusedrive.units``); ``--json`` prints machine-readable output, sizes in bytes.
+``fusedrive.units``); ``--json`` prints machine-readable output, sizes in bytes. A
+volume has at least ``MIN_CAPACITY``; one larger than the free space on the store's
+disk is created (volumes are thin-provisioned) with a warning on stderr.
+``--param KEY=VALUE`` is checked and made canonical by ``fusedrive.parameters``.
+Volumes and snapshots share one namespace (the store refuses a name the other kind
+holds); ``mount --volume|--snapshot`` and ``clone --from-volume|--from-snapshot``
+name the kind anyway, for stores made before that rule.
 
 Mounts (``fusedrive.daemon`` does the work): ``mount`` without ``--foreground``
 starts a detached daemon and returns once its mount is live, or fails with the
-daemon's own error and exit code if it exits first; ``--ready-fd N`` (for
-supervisors) serves in the calling process and writes one byte to N once live.
-``umount`` waits for the daemon to exit, so everything is flushed when it returns.
-Snapshots and clones of a volume mounted this way ask its mounts to flush first,
-and a mounted volume or snapshot cannot be deleted.
+daemon's own error and exit code if it exits first; ``--ready-fd N`` (internal,
+hidden from ``--help``: how ``mount`` starts its daemon) serves in the calling process
+and writes one byte to N once live. ``umount`` waits for the daemon to exit, so
+everything is flushed when it returns. Snapshots and clones of a volume mounted this
+way ask its mounts to flush first, and so does ``volume expand`` (a live mount then
+shows the new size), and a mounted volume or snapshot cannot be deleted.
 
 Invariants: no command prints a traceback; every failure is one line on stderr,
 ``fusedrive: error: ...``, and an exit code from this table (``_EXIT_FOR`` maps
@@ -44,6 +51,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +74,7 @@ from blockstore import (
     fsck,
 )
 
+from . import parameters
 from .daemon import (
     KIND_SNAPSHOT,
     KIND_VOLUME,
@@ -94,6 +103,8 @@ EXIT_CORRUPT = 6
 EXIT_BUSY = 7
 EXIT_INVALID = 8
 EXIT_INTERRUPTED = 130
+
+MIN_CAPACITY = 1 << 20  # the smallest volume (as csi_frontend.controller.MIN_CAPACITY)
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success",
@@ -189,6 +200,9 @@ class Output:
     def say(self, text: str) -> None:
         print(text, flush=True)
 
+    def warn(self, text: str) -> None:
+        print(f"fusedrive: warning: {text}", file=sys.stderr, flush=True)
+
     def table(self, table: Any) -> None:
         self.console.print(table)
 
@@ -250,17 +264,34 @@ def _size(text: str, what: str = "size") -> int:
     n = parse_size(text)
     if n <= 0:
         raise SizeError(f"invalid {what} {text!r}: must be larger than zero")
+    if n < MIN_CAPACITY:
+        raise SizeError(
+            f"invalid {what} {text!r} ({format_size(n)}): a volume needs at least "
+            f"{format_size(MIN_CAPACITY)} (sizes take units: 512MiB, 10GiB)"
+        )
     return n
 
 
 def _params(items: list[str] | None) -> dict[str, str]:
+    """``--param KEY=VALUE`` options, checked (``fusedrive.parameters``) and canonical."""
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InvalidArgument(f"invalid parameter {item!r}: expected KEY=VALUE")
         out[key.strip()] = value
-    return out
+    return parameters.check(out)
+
+
+def _warn_if_thin(store: Store, info: VolumeInfo, out: Output) -> None:
+    """Volumes are thin-provisioned: say so when one is larger than the disk's free space."""
+    free = shutil.disk_usage(store.path).free
+    if info.capacity > free:
+        out.warn(
+            f"volume {info.name!r} ({format_size(info.capacity)}) is larger than the free "
+            f"space on the store's disk ({format_size(free)}); volumes are thin-provisioned, "
+            "so writes fail with ENOSPC once the disk is full"
+        )
 
 
 # -- volumes ------------------------------------------------------------------
@@ -274,6 +305,7 @@ def cmd_volume_create(args: argparse.Namespace, out: Output) -> int:
             store.get_volume(args.name)
             raise AlreadyExists(f"volume {args.name!r} already exists")
         info = store.create_volume(args.name, capacity, args.mode, params)
+        _warn_if_thin(store, info, out)
     if out.json:
         out.data(_volume_json(info))
     else:
@@ -347,6 +379,13 @@ def cmd_volume_expand(args: argparse.Namespace, out: Output) -> int:
     with _open_store(args) as store:
         before = store.get_volume(args.name).capacity
         info = store.expand_volume(args.name, capacity)
+        _warn_if_thin(store, info, out)
+        if info.capacity != before:
+            # A live mount picks up the new capacity (df) when asked to flush, as in CSI.
+            try:
+                flush_volume_mounts(store.path, args.name)
+            except MountError as exc:  # the volume did grow: say so, and what did not work
+                out.warn(f"{exc}; its mount shows the new size once remounted")
     if out.json:
         out.data(_volume_json(info))
     elif before == info.capacity:
@@ -444,6 +483,7 @@ def cmd_clone(args: argparse.Namespace, out: Output) -> int:
             info = store.clone_volume(args.source, args.name, capacity, params)
         else:
             info = store.clone_snapshot(args.source, args.name, capacity, params)
+        _warn_if_thin(store, info, out)
     if out.json:
         out.data(_volume_json(info))
     else:
@@ -607,14 +647,24 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
 # -- mount and umount -----------------------------------------------------------------
 
 
-def _resolve_mount_source(store: Store, name: str, snapshot: bool) -> str:
-    """``"volume"`` or ``"snapshot"``: a volume of that name wins unless ``--snapshot``."""
-    if snapshot:
+def _resolve_mount_source(store: Store, name: str, kind: str | None) -> str:
+    """``"volume"`` or ``"snapshot"``: what ``name`` is, or ``kind`` (--volume, --snapshot)."""
+    if kind == KIND_SNAPSHOT:
         store.get_snapshot(name)
         return KIND_SNAPSHOT
-    if _exists(store.get_volume, name):
+    if kind == KIND_VOLUME:
+        store.get_volume(name)
         return KIND_VOLUME
-    if _exists(store.get_snapshot, name):
+    is_volume = _exists(store.get_volume, name)
+    is_snapshot = _exists(store.get_snapshot, name)
+    if is_volume and is_snapshot:
+        # Only in a store from before volumes and snapshots shared one namespace.
+        raise InvalidArgument(
+            f"{name!r} is both a volume and a snapshot: pass --volume or --snapshot"
+        )
+    if is_volume:
+        return KIND_VOLUME
+    if is_snapshot:
         return KIND_SNAPSHOT
     raise NotFound(f"no volume or snapshot named {name!r}")
 
@@ -625,7 +675,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
     if args.timeout <= 0:
         raise InvalidArgument("--timeout must be positive")
     with _open_store(args) as store:
-        kind = _resolve_mount_source(store, args.name, args.snapshot)
+        kind = _resolve_mount_source(store, args.name, args.kind)
         store_path = store.path.absolute()
     read_only = args.read_only or kind == KIND_SNAPSHOT
     mode = "read-only" if read_only else "read-write"
@@ -655,8 +705,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     child = ["--store", str(store_path)] + ["-v"] * (getattr(args, "verbose", 0) or 0)
     child += ["mount", "--foreground", args.name, str(target)]
-    if kind == KIND_SNAPSHOT:
-        child.append("--snapshot")
+    child.append("--snapshot" if kind == KIND_SNAPSHOT else "--volume")
     if read_only:
         child.append("--read-only")
     if not args.allow_other:
@@ -761,12 +810,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    params_help = (
+        "volume parameters (--param KEY=VALUE; others are refused):\n" + parameters.describe()
+    )
+
     # volume
     vol = cmds.add_parser("volume", help="create, list, delete and expand volumes")
     vcmds = vol.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = leaf(vcmds, "create", "create an empty volume", cmd_volume_create)
+    p.epilog = params_help
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--size", required=True, metavar="SIZE", help="capacity, e.g. 10GiB")
+    p.add_argument(
+        "--size",
+        required=True,
+        metavar="SIZE",
+        help="capacity, at least 1MiB, e.g. 10GiB (volumes are thin-provisioned)",
+    )
     p.add_argument("--mode", choices=("filesystem", "block"), default="filesystem")
     p.add_argument(
         "--param", action="append", metavar="KEY=VALUE", help="a volume parameter (repeatable)"
@@ -791,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # clone
     p = leaf(cmds, "clone", "a new volume from a volume or a snapshot (copy-on-write)", cmd_clone)
+    p.epilog = params_help
     p.add_argument("source", metavar="SOURCE", help="a volume or a snapshot")
     p.add_argument("name", metavar="NAME", help="the new volume")
     p.add_argument("--size", metavar="SIZE", help="capacity (default: the source's)")
@@ -821,8 +881,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_mount,
     )
     p.add_argument("name", metavar="NAME", help="a volume, or a snapshot (mounted read-only)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--snapshot", action="store_true", help="NAME is a snapshot")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty directory")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--volume", dest="kind", action="store_const", const=KIND_VOLUME, help="NAME is a volume"
+    )
+    which.add_argument(
+        "--snapshot",
+        dest="kind",
+        action="store_const",
+        const=KIND_SNAPSHOT,
+        help="NAME is a snapshot",
+    )
     p.add_argument("--read-only", action="store_true", help="mount read-only")
     p.add_argument(
         "--foreground", action="store_true", help="serve in this process until unmounted"
@@ -841,11 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the mount to go live (default 60)",
     )
-    p.add_argument(
-        "--ready-fd",
-        type=int,
-        metavar="FD",
-        help="serve in this process and write one byte to FD once the mount is live",
+    p.add_argument(  # internal: how `mount` starts its daemon (fusedrive.daemon.spawn)
+        "--ready-fd", type=int, metavar="FD", help=argparse.SUPPRESS
     )
     p = leaf(cmds, "umount", "unmount and wait until the daemon has flushed and exited", cmd_umount)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -66,6 +66,15 @@ def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
     return found
 
 
+def device_mounted(device: str) -> bool:
+    """Whether any mount in this process's mount namespace is of file system ``device``.
+
+    ``device`` is a ``major:minor`` from ``find_mount``; bind mounts share it.
+    """
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return any(line.split(" ", 3)[2] == device for line in f)
+
+
 def request_flush(mountpoint: Path) -> None:
     """Make the fusedrive mount at ``mountpoint`` commit its buffered writes.
 

@@ -11,7 +11,8 @@ A mount is served by one process (pyfuse3 serves one mount per process) that run
   new session (no controlling terminal, cwd ``/``, stdout and stderr appended to a
   log file next to the record) and returns only once the daemon writes its
   readiness byte; if the daemon exits first it raises ``DaemonFailed`` with the
-  daemon's exit status and the tail of its log.
+  daemon's exit status and the tail of its log. The log is removed when its daemon
+  returns from a clean unmount, and kept when it fails.
 - ``unmount`` unmounts with ``fusermount3`` (lazily if the mount is dead) and then
   waits for the recorded daemon to exit, so that everything is flushed on return.
 
@@ -247,7 +248,9 @@ def check_mountpoint(target: Path) -> None:
     if find_mount(target) is not None:
         raise MountError(f"{target} is already a mount point")
     if not target.exists():
-        raise MountError(f"mount point {target} does not exist")
+        raise MountError(
+            f"mount point {target} does not exist; create the directory first (mkdir {target})"
+        )
     if not target.is_dir():
         raise MountError(f"mount point {target} is not a directory")
 
@@ -315,9 +318,17 @@ def serve_recorded(
         )
     except OSError as exc:
         raise MountError(f"cannot mount at {target}: {exc}") from exc
+    else:
+        log.info("event=unmounted mountpoint=%s pid=%d", target, me)
+        if rec.log:
+            # A clean unmount: nothing in the log is needed any more, and one log per
+            # mount point would otherwise pile up in the runtime directory. Removed while
+            # the record still refuses a new mount here, so no new daemon has opened it.
+            # A daemon that fails keeps its log (and `mount` prints its tail).
+            with contextlib.suppress(OSError):
+                os.unlink(rec.log)
     finally:
         _remove_record(path, me)
-    log.info("event=unmounted mountpoint=%s pid=%d", target, me)
 
 
 def spawn(fusedrive_args: list[str], target: Path, timeout: float) -> tuple[int, Path]:

@@ -20,7 +20,9 @@ Flushes happen on fsync and fsyncdir, when the dirty buffers pass half their bou
 (in the background) or their bound (the writer waits), every ``FLUSH_INTERVAL``
 seconds or ``IDLE_FLUSH`` seconds after changes stop, on a request from
 ``control.request_flush``, and on unmount or SIGTERM / SIGINT (after the FUSE loop
-stops, before the mount goes away).
+stops, before the mount goes away). Serving ends when the file system has no mount
+left in the daemon's own mount namespace, even if a copy lives on in another one
+(``_stop_when_unmounted``): an unmount here always ends the daemon.
 
 Kernel options: writeback caching is off (every write reaches the daemon before
 write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
@@ -42,6 +44,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -54,7 +57,7 @@ import trio
 from blockstore import Busy, InvalidArgument, StoreError
 from blockstore import Store as _Store
 
-from .control import FLUSH_XATTR_BYTES, find_mount
+from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount
 from .errors import FlushNeeded, FsError, translate
 from .filedata import FlushJob
 from .filesystem import Filesystem, StatFs
@@ -83,6 +86,7 @@ MALLOC_KEEP_BYTES = 64 * 1024 * 1024
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _SPACE_ATTEMPTS = 8
+MOUNT_CHECK_INTERVAL = 1.0  # how often the daemon looks whether its mount is gone (see below)
 
 
 class _fuse_errors:  # lower case: it reads like a function, ``with _fuse_errors(op):``
@@ -654,7 +658,31 @@ def mount_options(name: str, *, read_only: bool, allow_other: bool, debug: bool)
     return opts
 
 
-async def _serve_loop(ops: Operations, on_ready: Callable[[], None] | None) -> None:
+async def _stop_when_unmounted(device: str) -> None:
+    """End serving once no mount of this file system is left in the daemon's mount namespace.
+
+    The kernel ends the FUSE session (``pyfuse3.main`` returns) only when the file
+    system's last mount goes, in any mount namespace. A process that copied the mount
+    table into a private namespace while we were mounted (``unshare -m``, a container
+    started then) keeps a mount of its own, and the daemon would go on serving it
+    after an unmount here, for as long as that namespace lives (seen: a test's
+    daemon alive 30 s after ``fusermount3 -u``). The mount table is looked at only
+    when it changed (``/proc/self/mountinfo`` reports POLLPRI then).
+    """
+    with open("/proc/self/mountinfo", "rb") as table:
+        changes = select.poll()
+        changes.register(table, select.POLLPRI)
+        while True:
+            await trio.sleep(MOUNT_CHECK_INTERVAL)
+            if changes.poll(0) and not device_mounted(device):
+                log.info("event=unmounted_here device=%s (mounts in other namespaces end)", device)
+                pyfuse3.terminate()
+                return
+
+
+async def _serve_loop(
+    ops: Operations, on_ready: Callable[[], None] | None, device: str | None
+) -> None:
     async def main_then_stop(nursery: trio.Nursery) -> None:
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -674,6 +702,8 @@ async def _serve_loop(ops: Operations, on_ready: Callable[[], None] | None) -> N
             nursery.start_soon(stop_on_signal)
         if not ops.fs.read_only:
             nursery.start_soon(ops.flusher.run_timer)
+        if device is not None:
+            nursery.start_soon(_stop_when_unmounted, device)
         await trio.lowlevel.checkpoint()
         if on_ready is not None:
             on_ready()
@@ -788,9 +818,11 @@ def _serve_fs(
             ops.flusher.close()
         raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from exc
     log.info("event=mounted name=%s mountpoint=%s read_only=%s", name, mountpoint, read_only)
+    entry = find_mount(ops.mount_path)
+    device = entry.device if entry is not None else None
     main_thread = threading.current_thread() is threading.main_thread()
     try:
-        trio.run(_serve_loop, ops, on_ready)
+        trio.run(_serve_loop, ops, on_ready, device)
     finally:
         # A second SIGTERM must not cut the final flush short.
         saved = (
@@ -802,7 +834,10 @@ def _serve_fs(
             fs.close()
         finally:
             ops.flusher.close()
-            pyfuse3.close(unmount=True)
+            # Unmount only our own mount (SIGTERM): once it is gone, whatever is mounted
+            # at the path now (a new mount there) is not ours to detach.
+            here = find_mount(ops.mount_path) if device is not None else None
+            pyfuse3.close(unmount=device is None or (here is not None and here.device == device))
             for s, handler in zip((signal.SIGTERM, signal.SIGINT), saved, strict=False):
                 signal.signal(s, handler)
             log.info(

@@ -8,10 +8,13 @@ optional unit, case-insensitive, with optional spaces between:
   decimal (powers of 1000, as disk vendors and ``df -H`` count);
 - ``Ki``/``KiB``, ``Mi``/``MiB``, ... ``Ei``/``EiB``: binary (powers of 1024).
 
+A number without a unit is a number of bytes and must be whole: ``1.5`` is
+refused (it would be two bytes; ``1.5GiB`` was probably meant).
+
 Invariants: parsing is exact (``decimal.Decimal``, never a float), a fraction of
-a byte is rounded up to the next whole byte so that a requested capacity is never
-cut short, and ``parse_size(format_size(n)) == n`` whenever ``n`` is a whole
-number of its display unit. Output always uses binary units.
+a byte left by a unit (``0.1KiB``) is rounded up to the next whole byte so that a
+requested capacity is never cut short, and ``parse_size(format_size(n)) == n``
+whenever ``n`` is a whole number of its display unit. Output always uses binary units.
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def parse_size(text: str) -> int:
         raise SizeError(
             f"invalid size {text!r}: unknown unit {unit!r} "
             "(use B, KiB, MiB, GiB, TiB, PiB, EiB or K, M, G, T, P, E for powers of 1000)"
+        )
+    if mult == 1 and "." in number and Decimal(number) != Decimal(number).to_integral_value():
+        raise SizeError(
+            f"invalid size {text!r}: a number of bytes must be whole (a size without a unit "
+            f"is in bytes); add a unit, e.g. {number}GiB"
         )
     try:
         value = Decimal(number) * mult

@@ -246,3 +246,22 @@ def test_an_aborted_write_leaves_only_reclaimable_space(store: Store) -> None:
     # The next write reuses the segment and everything still adds up.
     v.put_chunk(b"c", os.urandom(8192))
     assert fsck(store).clean and len(v.read_chunk(b"c") or b"") == 8192
+
+
+def test_volumes_and_snapshots_share_one_namespace(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    store.create_snapshot("v", "s")
+    with pytest.raises(AlreadyExists, match="cannot create volume 's': a snapshot has that name"):
+        store.create_volume("s", 1 << 20)
+    with pytest.raises(AlreadyExists, match="cannot create snapshot 'v': a volume has that name"):
+        store.create_snapshot("v", "v")
+    with pytest.raises(AlreadyExists, match="a snapshot has that name"):
+        store.clone_volume("v", "s")
+    with pytest.raises(AlreadyExists, match="a snapshot has that name"):
+        store.clone_snapshot("s", "s")
+    assert [v.name for v in store.list_volumes()] == ["v"]
+    assert [s.name for s in store.list_snapshots()] == ["s"]
+    # The same calls again stay idempotent, and a freed name can be taken by the other kind.
+    assert store.create_snapshot("v", "s").name == "s"
+    store.delete_snapshot("s")
+    assert store.create_volume("s", 1 << 20).name == "s"

@@ -225,6 +225,37 @@ def test_create_volume_with_bad_parameter_value_is_invalid(
     csi.error("CreateVolume", req, Code.INVALID_ARGUMENT)
 
 
+@pytest.mark.parametrize(
+    "params", [{"compression_level": "23"}, {"chunk_size": "12288"}, {"chunksize": "4096"}]
+)
+def test_create_volume_bad_parameter_message_is_the_shared_rule(
+    csi: Csi, params: dict[str, str]
+) -> None:
+    """CSI, the command line and the daemon say the same thing (fusedrive.parameters)."""
+    from fusedrive import parameters
+
+    with pytest.raises(parameters.ParameterError) as expected:
+        parameters.check(params)
+    req = pb.CreateVolumeRequest(
+        name=csi.unique("param"), volume_capabilities=[csi.mount_cap()], parameters=params
+    )
+    err = csi.error("CreateVolume", req, Code.INVALID_ARGUMENT)
+    assert err.details() == str(expected.value)
+
+
+def test_create_volume_stores_parameters_in_canonical_form(csi: Csi) -> None:
+    req = pb.CreateVolumeRequest(
+        name=csi.unique("param"),
+        volume_capabilities=[csi.mount_cap()],
+        parameters={"chunk_size": "128KiB", "root_mode": "700"},
+    )
+    vol = csi.call("CreateVolume", req).volume
+    assert csi.call("CreateVolume", req).volume == vol  # idempotent
+    with open_store(csi) as store:
+        params = store.get_volume(vol.volume_id).parameters
+    assert params == {"chunk_size": "131072", "root_mode": "0700"}
+
+
 def test_create_volume_ignores_sidecar_parameters_and_applies_its_own(csi: Csi) -> None:
     req = pb.CreateVolumeRequest(
         name=csi.unique("param"),

@@ -92,8 +92,9 @@ def assert_clean_error(res: Result, code: int, *fragments: str) -> None:
         ("16B", 16),
         ("1EiB", 1 << 60),
         (".5KiB", 512),
-        ("0.5", 1),  # a fraction of a byte rounds up: a capacity is never cut short
+        ("0.1KiB", 103),  # a fraction of a byte rounds up: a capacity is never cut short
         ("1.1KiB", 1127),
+        ("2.0", 2),
     ],
 )
 def test_parse_size(text: str, expected: int) -> None:
@@ -109,6 +110,13 @@ def test_parse_size_rejects_garbage_with_a_clear_message(text: str) -> None:
     assert repr(text) in str(info.value)
     if text.startswith("-"):
         assert "negative" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["1.5", "0.5", ".5", "1.5B"])
+def test_parse_size_refuses_a_fraction_of_a_byte(text: str) -> None:
+    """``--size 1.5`` made a 2-byte volume: a size without a unit is whole bytes."""
+    with pytest.raises(SizeError, match=r"must be whole.*add a unit, e\.g\. .*GiB"):
+        parse_size(text)
 
 
 @pytest.mark.parametrize(
@@ -147,13 +155,15 @@ def test_whole_display_units_round_trip_exactly(k: int, power: int) -> None:
 
 
 def test_volume_lifecycle(fd) -> None:
-    res = fd("volume", "create", "v1", "--size", "10GiB", "--param", "fs=ext4")
+    res = fd("volume", "create", "v1", "--size", "10GiB", "--param", "compression_level=5")
     assert res.code == 0 and "created volume 'v1' (10 GiB, filesystem)" in res.out
     assert fd("volume", "create", "v2", "--size", "1G", "--mode", "block").code == 0
 
     res = fd("--json", "volume", "list")
     vols = {v["name"]: v for v in res.json()}
-    assert vols["v1"]["capacity"] == 10 * GiB and vols["v1"]["parameters"] == {"fs": "ext4"}
+    assert vols["v1"]["capacity"] == 10 * GiB and vols["v1"]["parameters"] == {
+        "compression_level": "5"
+    }
     assert vols["v2"]["capacity"] == 10**9 and vols["v2"]["mode"] == "block"
     assert vols["v1"]["used"] == 0 and vols["v1"]["mountpoints"] == []
 
@@ -176,14 +186,17 @@ def test_exit_codes_for_bad_input(fd, tmp_path: Path) -> None:
     assert_clean_error(fd("volume", "create", "w", "--size", "ten"), 8, "invalid size 'ten'")
     assert_clean_error(fd("volume", "create", "w", "--size=-1GiB"), 8, "negative")
     assert_clean_error(fd("volume", "create", "w", "--size", "0"), 8, "larger than zero")
-    assert_clean_error(fd("volume", "create", "a/b", "--size", "1M"), 8, "invalid volume name")
-    assert_clean_error(fd("volume", "create", "w", "--size", "1M", "--param", "x"), 8, "KEY=VALUE")
+    assert_clean_error(fd("volume", "create", "a/b", "--size", "1MiB"), 8, "invalid volume name")
+    assert_clean_error(
+        fd("volume", "create", "w", "--size", "1MiB", "--param", "x"), 8, "KEY=VALUE"
+    )
     assert_clean_error(fd("volume", "expand", "nope", "--size", "1G"), 3, "'nope'")
     assert_clean_error(fd("snapshot", "create", "nope", "s"), 3, "'nope'")
     assert_clean_error(fd("snapshot", "delete", "nope"), 3, "'nope'")
     assert_clean_error(fd("clone", "nope", "c"), 3, "no volume or snapshot named 'nope'")
     assert_clean_error(fd("mount", "nope", str(tmp_path)), 3, "'nope'")
-    assert_clean_error(fd("mount", "v", str(tmp_path / "missing")), 7, "does not exist")
+    missing = tmp_path / "missing"
+    assert_clean_error(fd("mount", "v", str(missing)), 7, "does not exist", f"mkdir {missing}")
     assert_clean_error(fd("umount", str(tmp_path)), 7, "not a fusedrive mount")
     # Usage errors are argparse's: exit 2 with the usage line.
     for argv in (["volume"], ["volume", "create", "x"], ["frobnicate"], ["volume", "list", "-x"]):
@@ -243,18 +256,76 @@ def test_snapshots_and_clones_from_both_kinds(fd, store_dir: Path) -> None:
         assert store.volume("from-snap").read_chunk(b"c0") == data
 
 
-def test_ambiguous_clone_source_needs_a_kind(fd, store_dir: Path) -> None:
+def test_volumes_and_snapshots_share_one_namespace(fd, store_dir: Path) -> None:
+    """A name means one thing to `mount NAME` and `clone NAME`: the other kind cannot take it."""
     assert fd("volume", "create", "dup", "--size", "1MiB").code == 0
     assert fd("volume", "create", "v", "--size", "1MiB").code == 0
     _write_chunks(store_dir, "v", {b"k": os.urandom(4096)})
-    assert fd("snapshot", "create", "v", "dup").code == 0
+    taken = "a volume has that name (volumes and snapshots share one namespace)"
+    assert_clean_error(fd("snapshot", "create", "v", "dup"), 4, "snapshot 'dup'", taken)
+    assert fd("snapshot", "create", "v", "s").code == 0
+    taken = "a snapshot has that name"
+    assert_clean_error(fd("volume", "create", "s", "--size", "1MiB"), 4, "volume 's'", taken)
+    assert_clean_error(fd("clone", "v", "s"), 4, taken)
+    assert [s["name"] for s in fd("snapshot", "list", "--json").json()] == ["s"]
 
-    assert_clean_error(fd("clone", "dup", "c"), 8, "--from-volume", "--from-snapshot")
-    res = fd("clone", "dup", "c1", "--from-snapshot", "--json")
-    assert res.code == 0 and res.json()["source"] == "snapshot:dup" and res.json()["used"] == 4096
+    # Explicit kinds still work, and say so when the name is the other kind.
+    res = fd("clone", "s", "c1", "--from-snapshot", "--json")
+    assert res.code == 0 and res.json()["source"] == "snapshot:s" and res.json()["used"] == 4096
     res = fd("clone", "dup", "c2", "--from-volume", "--json")
     assert res.code == 0 and res.json()["source"] == "volume:dup" and res.json()["used"] == 0
+    assert_clean_error(fd("clone", "s", "c3", "--from-volume"), 3, "volume 's' not found")
     assert fd("clone", "dup", "c3", "--from-volume", "--from-snapshot").code == 2
+
+
+def test_volume_parameters_are_checked_with_the_shared_rules(fd) -> None:
+    """`--param` follows fusedrive.parameters: clear message, exit 8, nothing created."""
+    bad = {
+        "compression_level=99": "compression_level must be an integer from 0",
+        "chunk_size=3": "chunk_size must be a power of two from 4KiB to 4MiB",
+        "chunk_size=12288": "chunk_size must be a power of two",
+        "root_mode=rwx": "root_mode must be octal permissions",
+        "chunksize=65536": "unknown parameter 'chunksize' (known parameters: chunk_size,",
+    }
+    for param, message in bad.items():
+        res = fd("volume", "create", "v", "--size", "1MiB", "--param", param)
+        assert_clean_error(res, 8, message)
+    assert fd("volume", "create", "ok", "--size", "1MiB").code == 0
+    assert_clean_error(fd("clone", "ok", "c", "--param", "compression_level=23"), 8, "0 (no")
+    assert [v["name"] for v in fd("volume", "list", "--json").json()] == ["ok"]
+    # Units are accepted and stored in bytes, which is what the daemon reads.
+    res = fd("volume", "create", "v", "--size", "1MiB", "--param", "chunk_size=1MiB", "--json")
+    assert res.code == 0 and res.json()["parameters"] == {"chunk_size": str(MiB)}
+    res = fd("volume", "create", "--help")
+    assert "chunk_size: a power of two" in res.out and "default 64KiB" in res.out
+
+
+def test_sizes_need_a_unit_or_a_whole_mebibyte(fd) -> None:
+    """`--size 1.5` made a 2-byte volume; now refused, as is anything below 1 MiB."""
+    assert_clean_error(fd("volume", "create", "v", "--size", "1.5"), 8, "add a unit")
+    assert_clean_error(fd("volume", "create", "v", "--size", "4096"), 8, "at least 1 MiB")
+    assert_clean_error(fd("volume", "create", "v", "--size", "1M"), 8, "at least 1 MiB")
+    assert fd("volume", "create", "v", "--size", "1MiB").code == 0
+    assert_clean_error(fd("volume", "expand", "v", "--size", "2"), 8, "at least 1 MiB")
+    assert fd("volume", "list", "--json").json()[0]["capacity"] == MiB
+
+
+def test_a_volume_larger_than_the_free_disk_is_created_with_a_warning(fd, store_dir: Path) -> None:
+    res = fd("volume", "create", "small", "--size", "1MiB")
+    assert res.code == 0 and "warning" not in res.err
+    res = fd("volume", "create", "huge", "--size", "1EiB")
+    assert res.code == 0 and "created volume 'huge' (1 EiB" in res.out
+    assert "fusedrive: warning: volume 'huge' (1 EiB) is larger than the free space" in res.err
+    assert "thin-provisioned" in res.err
+    res = fd("volume", "expand", "small", "--size", "2EiB")
+    assert res.code == 0 and "thin-provisioned" in res.err
+
+
+def test_mount_help_hides_the_internal_ready_fd(fd) -> None:
+    res = fd("mount", "--help")
+    assert (
+        res.code == 0 and "--ready-fd" not in res.out and "an existing, empty directory" in res.out
+    )
 
 
 # -- gc, fsck, stats -----------------------------------------------------------------------
@@ -540,3 +611,49 @@ def test_umount_of_a_dead_mount(store_dir: Path, tmp_path: Path, daemons) -> Non
     assert res.returncode == 0, res.stderr
     assert not _mounted(mnt)
     assert _run(store_dir, "fsck").returncode == 0
+
+
+@pytest.mark.needs_fuse
+def test_expand_reaches_a_live_mount_and_a_clean_umount_leaves_no_log(
+    store_dir: Path, tmp_path: Path, runtime: Path, daemons
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemons["mountpoints"].append(mnt)
+    assert _run(store_dir, "volume", "create", "v", "--size", "64MiB").returncode == 0
+    res = _run(store_dir, "mount", "v", str(mnt), "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    daemons["pids"].append(info["pid"])
+    st = os.statvfs(mnt)
+    assert st.f_blocks * st.f_frsize == 64 * MiB
+    assert Path(info["log"]).exists()
+
+    res = _run(store_dir, "volume", "expand", "v", "--size", "1GiB")
+    assert res.returncode == 0, res.stderr
+    st = os.statvfs(mnt)  # no remount: `expand` asked the mount to pick it up
+    assert st.f_blocks * st.f_frsize == GiB
+
+    res = _run(store_dir, "umount", str(mnt))
+    assert res.returncode == 0, res.stderr
+    assert not Path(info["log"]).exists()
+    assert list(runtime.glob("*.log")) == [] and list(runtime.glob("*.json")) == []
+
+
+@pytest.mark.needs_fuse
+def test_mount_of_a_record_with_a_bad_parameter_fails_clearly(
+    store_dir: Path, tmp_path: Path, runtime: Path, daemons
+) -> None:
+    """The store takes any parameter (tests force bad ones); the daemon refuses to serve it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemons["mountpoints"].append(mnt)
+    with Store(store_dir) as store:
+        store.create_volume("v", 64 * MiB, parameters={"compression_level": "99"})
+    res = _run(store_dir, "mount", "v", str(mnt))
+    assert res.returncode == 7, res.stderr  # the mount failed
+    assert "volume 'v': invalid parameter compression_level='99'" in res.stderr
+    assert "compression_level must be an integer from 0 (no compression) to 22" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not _mounted(mnt)
+    assert len(list(runtime.glob("*.log"))) == 1  # a failed daemon keeps its log
