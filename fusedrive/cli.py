@@ -17,7 +17,10 @@ Mounts (``fusedrive.daemon`` does the work): ``mount`` without ``--foreground``
 starts a detached daemon and returns once its mount is live, or fails with the
 daemon's own error and exit code if it exits first; ``--ready-fd N`` (for
 supervisors) serves in the calling process and writes one byte to N once live.
-``umount`` waits for the daemon to exit, so everything is flushed when it returns.
+``umount`` waits for the daemon to exit, so everything is flushed when it returns;
+it asks the daemon to flush first and, if the buffered writes cannot be stored,
+leaves the mount up and fails (exit 5 for a full store, else 1) unless
+``--discard``; writes lost in a failed final flush make it fail too.
 Snapshots and clones of a volume mounted this way ask its mounts to flush first,
 and a mounted volume or snapshot cannot be deleted.
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -71,6 +75,7 @@ from .daemon import (
     KIND_VOLUME,
     DaemonFailed,
     MountError,
+    NotStored,
     check_mountpoint,
     flush_volume_mounts,
     mounted_names,
@@ -695,7 +700,15 @@ def cmd_umount(args: argparse.Namespace, out: Output) -> int:
     if args.timeout <= 0:
         raise InvalidArgument("--timeout must be positive")
     target = mountpoint_path(args.mountpoint)
-    rec = unmount(target, lazy=args.lazy, timeout=args.timeout)
+    try:
+        rec = unmount(target, lazy=args.lazy, timeout=args.timeout, discard=args.discard)
+    except NotStored as exc:
+        if exc.lost and args.discard:
+            print(f"fusedrive: warning: {exc}", file=sys.stderr)
+            rec = None
+        else:
+            print(f"fusedrive: error: {exc}", file=sys.stderr)
+            return EXIT_NO_SPACE if exc.errno == errno.ENOSPC else EXIT_FAILURE
     if out.json:
         out.data({"unmounted": str(target), "pid": rec.pid if rec else None})
     else:
@@ -850,6 +863,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(cmds, "umount", "unmount and wait until the daemon has flushed and exited", cmd_umount)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", action="store_true", help="detach now even if busy (umount -l)")
+    p.add_argument(
+        "--discard",
+        action="store_true",
+        help="unmount even if buffered writes cannot be stored (they are lost)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
