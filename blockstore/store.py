@@ -76,6 +76,9 @@ _U64 = struct.Struct(">Q")
 RESERVE_SHARE = 0.02
 RESERVE_MIN = 16 << 20
 RESERVE_MAX = 1 << 30
+# Volumes, snapshots and clones are refused once less than this is left beyond the
+# reserve: a volume made then could not hold a single write of a useful size.
+CREATE_MIN_ROOM = 1 << 20
 
 
 def default_reserve(fs_bytes: int) -> int:
@@ -439,7 +442,7 @@ class Store:
 
     def _check_room(self, txn: lmdb.Transaction, what: str) -> None:
         """Refuse to create ``what`` once the store is down to its reserve."""
-        if self._room(txn) <= 0:
+        if self._room(txn) < CREATE_MIN_ROOM:
             raise NoSpace(
                 f"cannot create {what}: the store's filesystem is down to its reserve of "
                 f"{self._reserve(txn)} free bytes (delete volumes or snapshots and run gc)"

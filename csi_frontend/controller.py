@@ -24,6 +24,7 @@ from blockstore import (
     Store,
     VolumeInfo,
 )
+from blockstore.store import CREATE_MIN_ROOM
 
 from . import mounts
 from . import validation as v
@@ -57,7 +58,7 @@ def _check_room(store: Store, what: str) -> None:
     The store refuses the create itself too; checking first keeps a full store from
     making a live mount flush for nothing.
     """
-    if store.room() <= 0:
+    if store.room() < CREATE_MIN_ROOM:
         raise NoSpace(
             f"cannot create {what}: the store is down to its reserve of "
             f"{store.reserve_bytes()} free bytes"
