@@ -538,6 +538,9 @@ def cmd_fsck(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_stats(args: argparse.Namespace, out: Output) -> int:
     with _open_store(args) as store:
+        if args.set_reserve is not None:
+            text = args.set_reserve.strip().lower()
+            store.set_reserve(0 if text == "default" else _size(text, "reserve"))
         st = store.stats()
         volumes = store.list_volumes()
         snaps = store.list_snapshots()
@@ -587,6 +590,8 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
             "disk free",
             f"{format_size(st.disk_free_bytes)} of {format_size(st.disk_total_bytes)}",
         ),
+        ("reserve kept free", format_size(st.reserve_bytes)),
+        ("room for new data", format_size(st.room_bytes)),
     ]
     for what, value in rows:
         space.add_row(what, value)
@@ -884,7 +889,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fix what can be fixed (holds the store's write lock while it runs)",
     )
-    leaf(cmds, "stats", "space, dedup and compression ratios, usage per volume", cmd_stats)
+    p = leaf(cmds, "stats", "space, dedup and compression ratios, usage per volume", cmd_stats)
+    p.add_argument(
+        "--set-reserve",
+        metavar="SIZE",
+        help="first set the free space the store keeps on its filesystem "
+        "(e.g. 256MiB; 'default': 2%% of the filesystem, 16 MiB to 1 GiB)",
+    )
     return parser
 
 

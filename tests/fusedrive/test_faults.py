@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 
 from blockstore import Store
+from blockstore.store import default_reserve
+from fusedrive import cli
 from fusedrive.control import request_flush
 from fusedrive.daemon import process_starttime
 from fusedrive.fuse_adapter import FLUSH_INTERVAL
@@ -254,3 +256,36 @@ def test_a_full_store_disk_gives_enospc_and_the_mount_stays_up(
         for name, data in {**stored, "more.bin": resumed, "again.bin": again_data}.items():
             assert (mnt / name).read_bytes() == data
         assert mounts.run(store, "umount", str(mnt)).returncode == 0
+
+
+# -- the reserve in `fusedrive stats` ---------------------------------------------------------
+
+
+def test_stats_shows_the_reserve_and_sets_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+
+    def fd(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(["--store", str(store), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert fd("volume", "create", "v", "--size", "4MiB")[0] == 0
+    code, out, _ = fd("stats", "--json")
+    st = json.loads(out)
+    vfs = os.statvfs(store)
+    assert code == 0 and st["reserve_bytes"] == default_reserve(vfs.f_blocks * vfs.f_frsize)
+    assert 0 <= st["room_bytes"] <= st["disk_free_bytes"] - st["reserve_bytes"] + 64 * MiB
+
+    code, out, _ = fd("stats", "--set-reserve", "64MiB", "--json")
+    assert code == 0 and json.loads(out)["reserve_bytes"] == 64 * MiB
+    code, out, _ = fd("stats")
+    assert code == 0 and "reserve kept free" in out and "64 MiB" in out and "room for new" in out
+    with Store(store, create=False) as s:  # recorded in the store: every process sees it
+        assert s.reserve_bytes() == 64 * MiB
+    code, out, _ = fd("stats", "--set-reserve", "default", "--json")
+    assert json.loads(out)["reserve_bytes"] == default_reserve(vfs.f_blocks * vfs.f_frsize)
+    code, _, err = fd("stats", "--set-reserve", "lots")
+    assert code == 8 and err.startswith("fusedrive: error: ") and "Traceback" not in err
