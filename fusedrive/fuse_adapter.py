@@ -210,7 +210,10 @@ class Flusher:
         async with self.lock:
             while True:  # a failed job first, if any, then the live layer
                 retry = self.fs.data.inflight is not None
-                job = self.fs.begin_flush()
+                try:
+                    job = self.fs.begin_flush()
+                except Exception as exc:
+                    raise failure(exc) from exc
                 if job is None:
                     return
                 try:
