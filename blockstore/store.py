@@ -13,6 +13,16 @@ Locking rules:
   ``budget`` seconds per call, so foreground writers never wait long;
 - views re-read their volume's head on every operation, so a snapshot or clone
   taken by another process is seen by the next operation.
+
+Space: the store keeps a reserve of free space on its filesystem (``reserve_bytes``:
+recorded in ``meta`` as ``reserve_bytes``, else ``default_reserve``). A transaction
+that appends chunk bytes checks, at its first append, that they fit beside the
+reserve, and creates of volumes, snapshots and clones need ``CREATE_MIN_ROOM``
+beyond it; both raise ``NoSpace``. Metadata, deletes and gc may use the reserve:
+it is there so that they never meet a full filesystem. Whatever the filesystem or
+LMDB still refuses inside a write transaction (``OSError``, ``lmdb.Error``) aborts
+it whole and becomes a store error in one place (``errors.store_error_of``):
+ENOSPC, EDQUOT and a full map are ``NoSpace``.
 """
 
 from __future__ import annotations

@@ -22,6 +22,13 @@ seconds or ``IDLE_FLUSH`` seconds after changes stop, on a request from
 ``control.request_flush``, and on unmount or SIGTERM / SIGINT (after the FUSE loop
 stops, before the mount goes away).
 
+Failures (docs/faults.md): a flush that fails raises ``FsError`` (ENOSPC for a full
+store, EIO for anything else, a bug included) and leaves its changes buffered for
+the next flush; fsync and fsyncdir return the error, close of a file opened for
+writing retries and returns it while a failure is outstanding, and no failure ends
+the event loop: the daemon never unmounts itself. A final flush that fails when the
+mount ends raises ``DataNotStored`` out of ``serve`` (logged at CRITICAL).
+
 Kernel options: writeback caching is off (every write reaches the daemon before
 write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
 daemon keeps exact); mounts use default_permissions (the kernel checks modes),
