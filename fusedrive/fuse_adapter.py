@@ -222,6 +222,7 @@ class Flusher:
                 except Exception as exc:
                     raise failure(exc) from exc
                 if job is None:
+                    self.failure = None  # nothing is left unstored
                     return
                 try:
                     t0 = trio.current_time()
