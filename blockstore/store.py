@@ -13,6 +13,16 @@ Locking rules:
   ``budget`` seconds per call, so foreground writers never wait long;
 - views re-read their volume's head on every operation, so a snapshot or clone
   taken by another process is seen by the next operation.
+
+Space: the store keeps a reserve of free space on its filesystem (``reserve_bytes``:
+recorded in ``meta`` as ``reserve_bytes``, else ``default_reserve``). A transaction
+that appends chunk bytes checks, at its first append, that they fit beside the
+reserve, and creates of volumes, snapshots and clones need ``CREATE_MIN_ROOM``
+beyond it; both raise ``NoSpace``. Metadata, deletes and gc may use the reserve:
+it is there so that they never meet a full filesystem. Whatever the filesystem or
+LMDB still refuses inside a write transaction (``OSError``, ``lmdb.Error``) aborts
+it whole and becomes a store error in one place (``errors.store_error_of``):
+ENOSPC, EDQUOT and a full map are ``NoSpace``.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from .errors import (
     NotFound,
     OutOfRange,
     StoreError,
+    store_error_of,
 )
 from .layers import ChunkRef
 from .segments import (
@@ -70,10 +81,25 @@ COUNTERS = ("chunk_count", "unique_raw_bytes", "stored_bytes", "referenced_raw_b
 _U64 = struct.Struct(">Q")
 
 
-def _translate_lmdb(exc: lmdb.Error) -> StoreError:
-    if isinstance(exc, lmdb.MapFullError) or "No space" in str(exc):
-        return NoSpace(f"store is full: {exc}")
-    return StoreError(f"LMDB error: {exc}")
+# The reserve of free space kept on the store's filesystem (see ``Store.reserve_bytes``):
+# by default RESERVE_SHARE of the filesystem, at least RESERVE_MIN and at most
+# RESERVE_MAX, and never more than a quarter of the filesystem.
+RESERVE_SHARE = 0.02
+RESERVE_MIN = 16 << 20
+RESERVE_MAX = 1 << 30
+# Volumes, snapshots and clones are refused once less than this is left beyond the
+# reserve: a volume made then could not hold a single write of a useful size.
+CREATE_MIN_ROOM = 1 << 20
+
+
+def default_reserve(fs_bytes: int) -> int:
+    """The default reserve for a filesystem of ``fs_bytes``."""
+    return min(max(int(fs_bytes * RESERVE_SHARE), RESERVE_MIN), RESERVE_MAX, fs_bytes // 4)
+
+
+def _translate(exc: BaseException) -> StoreError:
+    err = store_error_of(exc)
+    return err if err is not None else StoreError(f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +118,8 @@ class StoreStats:
     disk_free_bytes: int
     disk_total_bytes: int
     chunk_hash: str
+    reserve_bytes: int = 0  # free space the store keeps (see ``Store.reserve_bytes``)
+    room_bytes: int = 0  # free space new data may still use: free minus reserve, >= 0
 
     @property
     def dedup_ratio(self) -> float:
@@ -116,6 +144,7 @@ class _Txn:
         self._written: set[int] = set()
         self._freed: list[tuple[int, int, int]] = []
         self._dead: list[int] = []
+        self._room: int | None = None  # what appends may still use (free minus reserve)
 
     # -- chunk bytes in segment files ---------------------------------------
     def _segment(self, seg: int) -> list[int]:
@@ -132,6 +161,14 @@ class _Txn:
             if not self._active:
                 self._roll()
         size = aligned(len(record))
+        if self._room is None:
+            self._room = self.store._room(self.txn)
+        if size > self._room:
+            raise NoSpace(
+                f"store is full: {self.store.path} keeps {self.store._reserve(self.txn)} "
+                "bytes of its filesystem free (its reserve)"
+            )
+        self._room -= size
         seg = self._segment(self._active)
         if seg[1] and seg[1] + size > SEGMENT_BYTES:
             self._roll()
@@ -258,9 +295,12 @@ class Store:
         compression_level: int | None = None,
         chunk_hash: str = ch.DEFAULT_HASH,
         map_size: int = DEFAULT_MAP_SIZE,
+        reserve: int | None = None,
     ) -> None:
         """Open the store at ``path``, creating it if ``create``. ``chunk_hash`` applies
-        to a new store only: an existing store keeps the hash it was created with."""
+        to a new store only: an existing store keeps the hash it was created with.
+        ``reserve``: record this reserve of free space (bytes; 0: the default), as
+        ``set_reserve`` does."""
         ch.digest_of(b"", chunk_hash)  # InvalidArgument for an unknown hash
         self.path = Path(path)
         if not self.path.exists():
@@ -280,12 +320,14 @@ class Store:
                 subdir=True,
             )
         except lmdb.Error as exc:
-            raise _translate_lmdb(exc) from exc
+            raise _translate(exc) from exc
         self.dbs = ly.Databases(self.env)
         self.lineages = ly.LineageCache()
         self.segments = SegmentFiles(self.path, self._oldest_reader)
         try:
             self._settings(compression_level, chunk_hash)
+            if reserve is not None:
+                self.set_reserve(reserve)
         except BaseException:
             self.close()  # a store that cannot be used is not left open
             raise
@@ -359,9 +401,11 @@ class Store:
             t.finish_segments()
             txnid = txn.id()  # readers older than this may still see what it freed
             txn.commit()
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
+            # A full filesystem (a segment append, LMDB growing its file) is NoSpace;
+            # the transaction is gone and the store is as it was before it.
             txn.abort()
-            raise _translate_lmdb(exc) from exc
+            raise _translate(exc) from exc
         except BaseException:
             txn.abort()
             raise
@@ -370,6 +414,50 @@ class Store:
     def _meta_int(self, txn: lmdb.Transaction, key: bytes) -> int:
         raw = txn.get(key, db=self.dbs.meta)
         return int(_U64.unpack(raw)[0]) if raw else 0
+
+    # -- the reserve of free space ----------------------------------------------------
+    def _reserve(self, txn: lmdb.Transaction, vfs: os.statvfs_result | None = None) -> int:
+        configured = self._meta_int(txn, b"reserve_bytes")
+        if configured:
+            return configured
+        vfs = vfs or os.statvfs(self.path)
+        return default_reserve(vfs.f_blocks * vfs.f_frsize)
+
+    def _room(self, txn: lmdb.Transaction) -> int:
+        vfs = os.statvfs(self.path)
+        return max(vfs.f_bavail * vfs.f_frsize - self._reserve(txn, vfs), 0)
+
+    def reserve_bytes(self) -> int:
+        """Free space the store keeps on its filesystem.
+
+        New chunk data, new volumes, snapshots and clones are refused (``NoSpace``)
+        rather than eat into it: it is there so that LMDB's metadata, deletes and
+        ``gc`` never meet a full filesystem. Recorded in the store (``set_reserve``),
+        else ``default_reserve`` of the filesystem's size.
+        """
+        with self._read() as txn:
+            return self._reserve(txn)
+
+    def room(self) -> int:
+        """Bytes of new data the store can still take: free space minus the reserve."""
+        with self._read() as txn:
+            return self._room(txn)
+
+    def set_reserve(self, nbytes: int) -> None:
+        """Record the reserve in bytes (0: back to the default); every process sees it."""
+        if not isinstance(nbytes, int) or nbytes < 0:
+            raise InvalidArgument(f"reserve must be a number of bytes >= 0, not {nbytes!r}")
+        with self._write() as t:
+            t.txn.put(b"reserve_bytes", _U64.pack(nbytes), db=self.dbs.meta)
+        log.info("event=reserve_set bytes=%d", nbytes)
+
+    def _check_room(self, txn: lmdb.Transaction, what: str) -> None:
+        """Refuse to create ``what`` once the store is down to its reserve."""
+        if self._room(txn) < CREATE_MIN_ROOM:
+            raise NoSpace(
+                f"cannot create {what}: the store's filesystem is down to its reserve of "
+                f"{self._reserve(txn)} free bytes (delete volumes or snapshots and run gc)"
+            )
 
     def _next_counter(self, txn: lmdb.Transaction, key: bytes) -> int:
         n = self._meta_int(txn, key) + 1
@@ -422,6 +510,7 @@ class Store:
                     raise AlreadyExists(f"volume {name!r} exists with different arguments")
                 return existing
             refuse_other_kind(t.txn, self.dbs.snapshots, key, "volume")
+            self._check_room(t.txn, f"volume {name!r}")
             head = t.new_layer(parent=0)
             info = VolumeInfo(name, capacity, mode, params, time.time(), "", head, 0)
             self._put_volume(t.txn, info)
@@ -484,6 +573,7 @@ class Store:
                 return existing
             refuse_other_kind(t.txn, self.dbs.volumes, key, "snapshot")
             info = self._volume(t.txn, volume)
+            self._check_room(t.txn, f"snapshot {name!r}")
             frozen = self._freeze_head(t, info)
             t.add_holders(frozen, +1)
             snap = SnapshotInfo(
@@ -624,6 +714,7 @@ class Store:
         refuse_other_kind(t.txn, self.dbs.snapshots, name.encode(), "volume")
         cap = src_capacity if capacity is None else capacity
         _check_capacity(cap)
+        self._check_room(t.txn, f"volume {name!r}")
         if cap < src_capacity:
             raise OutOfRange(f"capacity {cap} is smaller than the source's {src_capacity} bytes")
         rec = ly.read_layer(t.txn, self.dbs, parent)
@@ -689,6 +780,8 @@ class Store:
         """
         with self._read() as txn:
             counters = {c: self._meta_int(txn, c.encode()) for c in COUNTERS}
+            vfs = os.statvfs(self.path)
+            reserve = self._reserve(txn, vfs)
             entries = txn.stat(self.dbs.entries)["entries"]
             layers = txn.stat(self.dbs.layers)["entries"]
             pending = (
@@ -699,7 +792,6 @@ class Store:
             used = sum(
                 unpack_vstate(v)[1] for v in txn.cursor(db=self.dbs.vstate).iternext(keys=False)
             )
-        vfs = os.statvfs(self.path)
         data = self.path / "data.mdb"
         file_bytes = data.stat().st_blocks * 512 if data.exists() else 0
         file_bytes += self.segments.allocated_bytes()
@@ -714,6 +806,8 @@ class Store:
             disk_free_bytes=vfs.f_bavail * vfs.f_frsize,
             disk_total_bytes=vfs.f_blocks * vfs.f_frsize,
             chunk_hash=self.chunk_hash,
+            reserve_bytes=reserve,
+            room_bytes=max(vfs.f_bavail * vfs.f_frsize - reserve, 0),
             **counters,
         )
 

@@ -15,7 +15,16 @@ import logging
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from blockstore import MODE_BLOCK, MODE_FILESYSTEM, NotFound, SnapshotInfo, VolumeInfo
+from blockstore import (
+    MODE_BLOCK,
+    MODE_FILESYSTEM,
+    NoSpace,
+    NotFound,
+    SnapshotInfo,
+    Store,
+    VolumeInfo,
+)
+from blockstore.store import CREATE_MIN_ROOM
 
 from . import mounts
 from . import validation as v
@@ -41,6 +50,19 @@ CAPABILITIES = (
     RPC.SINGLE_NODE_MULTI_WRITER,
 )
 MIN_CAPACITY = 1 << 20
+
+
+def _check_room(store: Store, what: str) -> None:
+    """RESOURCE_EXHAUSTED (the store's NoSpace) once the store is down to its reserve.
+
+    The store refuses the create itself too; checking first keeps a full store from
+    making a live mount flush for nothing.
+    """
+    if store.room() < CREATE_MIN_ROOM:
+        raise NoSpace(
+            f"cannot create {what}: the store is down to its reserve of "
+            f"{store.reserve_bytes()} free bytes"
+        )
 
 
 def capacity_from_range(rng: csi_pb2.CapacityRange, default: int, floor: int = 0) -> int:
@@ -159,6 +181,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     req.capacity_range, source.capacity, floor=source.capacity
                 )
                 with self.plugin.operation(svid):
+                    _check_room(store, f"clone {vid!r}")  # before asking a mount to flush
                     self.plugin.flush_volume(svid)
                     info = store.clone_volume(svid, vid, capacity=cap, parameters=params)
             elif kind is None:
@@ -257,8 +280,9 @@ class Controller(csi_pb2_grpc.ControllerServicer):
             seg = dict(req.accessible_topology.segments)
             if any(self.plugin.topology.get(k) != val for k, val in seg.items()):
                 return csi_pb2.GetCapacityResponse(available_capacity=0)
-        free = self.plugin.store.stats().disk_free_bytes
-        resp = csi_pb2.GetCapacityResponse(available_capacity=free)
+        # Never more than the store can hold: free space minus its reserve (>= 0).
+        room = self.plugin.store.room()
+        resp = csi_pb2.GetCapacityResponse(available_capacity=room)
         resp.minimum_volume_size.value = MIN_CAPACITY
         return resp
 
@@ -333,6 +357,7 @@ class Controller(csi_pb2_grpc.ControllerServicer):
                     )
                 return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(existing))
             store.get_volume(vid)
+            _check_room(store, f"snapshot {sid!r}")  # before asking a mount to flush
             self.plugin.flush_volume(vid)
             snap = store.create_snapshot(vid, sid)
         return csi_pb2.CreateSnapshotResponse(snapshot=snapshot_message(snap))

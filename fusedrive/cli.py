@@ -24,9 +24,12 @@ starts a detached daemon and returns once its mount is live, or fails with the
 daemon's own error and exit code if it exits first; ``--ready-fd N`` (internal,
 hidden from ``--help``: how ``mount`` starts its daemon) serves in the calling process
 and writes one byte to N once live. ``umount`` waits for the daemon to exit, so
-everything is flushed when it returns. Snapshots and clones of a volume mounted this
-way ask its mounts to flush first, and so does ``volume expand`` (a live mount then
-shows the new size), and a mounted volume or snapshot cannot be deleted.
+everything is flushed when it returns; it asks the daemon to flush first and, if the
+buffered writes cannot be stored, leaves the mount up and fails (exit 5 for a full
+store, else 1) unless ``--discard``; writes lost in a failed final flush make it fail
+too. Snapshots and clones of a volume mounted this way ask its mounts to flush first,
+and so does ``volume expand`` (a live mount then shows the new size), and a mounted
+volume or snapshot cannot be deleted.
 
 Invariants: no command prints a traceback; every failure is one line on stderr,
 ``fusedrive: error: ...``, and an exit code from this table (``_EXIT_FOR`` maps
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -80,6 +84,7 @@ from .daemon import (
     KIND_VOLUME,
     DaemonFailed,
     MountError,
+    NotStored,
     check_mountpoint,
     flush_volume_mounts,
     mounted_names,
@@ -573,6 +578,9 @@ def cmd_fsck(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_stats(args: argparse.Namespace, out: Output) -> int:
     with _open_store(args) as store:
+        if args.set_reserve is not None:
+            text = args.set_reserve.strip().lower()
+            store.set_reserve(0 if text == "default" else _size(text, "reserve"))
         st = store.stats()
         volumes = store.list_volumes()
         snaps = store.list_snapshots()
@@ -622,6 +630,8 @@ def cmd_stats(args: argparse.Namespace, out: Output) -> int:
             "disk free",
             f"{format_size(st.disk_free_bytes)} of {format_size(st.disk_total_bytes)}",
         ),
+        ("reserve kept free", format_size(st.reserve_bytes)),
+        ("room for new data", format_size(st.room_bytes)),
     ]
     for what, value in rows:
         space.add_row(what, value)
@@ -744,7 +754,15 @@ def cmd_umount(args: argparse.Namespace, out: Output) -> int:
     if args.timeout <= 0:
         raise InvalidArgument("--timeout must be positive")
     target = mountpoint_path(args.mountpoint)
-    rec = unmount(target, lazy=args.lazy, timeout=args.timeout)
+    try:
+        rec = unmount(target, lazy=args.lazy, timeout=args.timeout, discard=args.discard)
+    except NotStored as exc:
+        if exc.lost and args.discard:
+            print(f"fusedrive: warning: {exc}", file=sys.stderr)
+            rec = None
+        else:
+            print(f"fusedrive: error: {exc}", file=sys.stderr)
+            return EXIT_NO_SPACE if exc.errno == errno.ENOSPC else EXIT_FAILURE
     if out.json:
         out.data({"unmounted": str(target), "pid": rec.pid if rec else None})
     else:
@@ -918,6 +936,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", action="store_true", help="detach now even if busy (umount -l)")
     p.add_argument(
+        "--discard",
+        action="store_true",
+        help="unmount even if buffered writes cannot be stored (they are lost)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=60.0,
@@ -933,7 +956,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fix what can be fixed (holds the store's write lock while it runs)",
     )
-    leaf(cmds, "stats", "space, dedup and compression ratios, usage per volume", cmd_stats)
+    p = leaf(cmds, "stats", "space, dedup and compression ratios, usage per volume", cmd_stats)
+    p.add_argument(
+        "--set-reserve",
+        metavar="SIZE",
+        help="first set the free space the store keeps on its filesystem "
+        "(e.g. 256MiB; 'default': 2%% of the filesystem, 16 MiB to 1 GiB)",
+    )
     return parser
 
 

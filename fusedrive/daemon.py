@@ -13,8 +13,14 @@ A mount is served by one process (pyfuse3 serves one mount per process) that run
   readiness byte; if the daemon exits first it raises ``DaemonFailed`` with the
   daemon's exit status and the tail of its log. The log is removed when its daemon
   returns from a clean unmount, and kept when it fails.
-- ``unmount`` unmounts with ``fusermount3`` (lazily if the mount is dead) and then
-  waits for the recorded daemon to exit, so that everything is flushed on return.
+- ``unmount`` first asks a live read-write mount to flush (``control.request_flush``)
+  and refuses to unmount if that fails (``NotStored``: the data stays buffered and
+  the mount stays up), then unmounts with ``fusermount3`` (lazily if the mount is
+  dead) and waits for the recorded daemon to exit, so that everything is flushed on
+  return. If the daemon's final flush fails all the same (changes made after the
+  first flush, or the mount went away by other means), the daemon leaves a report
+  (``unstored_path``: what was lost and why) that ``unmount`` turns into
+  ``NotStored``: data that was not stored is never reported as stored.
 
 Runtime directory: ``$FUSEDRIVE_RUNTIME_DIR``, else ``/run/fusedrive`` for root,
 else ``$XDG_RUNTIME_DIR/fusedrive``, else a private directory under the system's
@@ -47,7 +53,8 @@ from pathlib import Path
 
 from blockstore import Busy, StoreError
 
-from .control import find_mount
+from .control import find_mount, request_flush
+from .errors import DataNotStored
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,19 @@ KIND_SNAPSHOT = "snapshot"
 
 class MountError(Exception):
     """A mount or unmount could not be done, or a mount point is not what it should be."""
+
+
+class NotStored(MountError):
+    """Buffered writes of a mount could not be stored; ``errno``: ENOSPC, EIO, ...
+
+    ``lost``: False when unmounting was refused (the data is still buffered in the
+    live daemon), True when the mount is gone and the data with it.
+    """
+
+    def __init__(self, message: str, errno_: int, *, lost: bool) -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.lost = lost
 
 
 class DaemonFailed(MountError):
@@ -117,6 +137,11 @@ def log_path(mountpoint: Path) -> Path:
     return runtime_dir() / f"{_key(mountpoint)}.log"
 
 
+def unstored_path(mountpoint: Path) -> Path:
+    """Where a daemon whose final flush failed reports what it could not store."""
+    return runtime_dir() / f"{_key(mountpoint)}.unstored.json"
+
+
 def read_record(path: Path) -> MountRecord | None:
     try:
         return MountRecord(**json.loads(path.read_text()))
@@ -128,9 +153,27 @@ def read_record(path: Path) -> MountRecord | None:
 
 
 def _write_record(path: Path, rec: MountRecord) -> None:
+    _write_json(path, asdict(rec))
+
+
+def _write_json(path: Path, obj: dict[str, object]) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(rec), sort_keys=True))
+    tmp.write_text(json.dumps(obj, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _take_unstored_report(target: Path, pid: int) -> dict[str, object] | None:
+    """The report of daemon ``pid`` that it could not store data, removed once read."""
+    path = unstored_path(target)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("pid") != pid:
+        return None
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return report
 
 
 def _remove_record(path: Path, pid: int) -> None:
@@ -316,6 +359,12 @@ def serve_recorded(
             on_ready=ready,
             debug=debug,
         )
+    except DataNotStored as exc:
+        report = {"pid": me, "errno": exc.errno, "error": str(exc), "time": time.time()}
+        report["pending_bytes"] = exc.pending_bytes
+        with contextlib.suppress(OSError):
+            _write_json(unstored_path(target), report)
+        raise MountError(f"{target}: {exc}") from exc
     except OSError as exc:
         raise MountError(f"cannot mount at {target}: {exc}") from exc
     else:
@@ -417,8 +466,16 @@ def _log_tail(path: Path, offset: int, lines: int = 20) -> list[str]:
     return [line for line in text.splitlines() if not line.startswith("--- ")][-lines:]
 
 
-def unmount(target: Path, *, lazy: bool = False, timeout: float = 60.0) -> MountRecord | None:
-    """Unmount a fusedrive mount and wait for its daemon to exit; returns its record."""
+def unmount(
+    target: Path, *, lazy: bool = False, timeout: float = 60.0, discard: bool = False
+) -> MountRecord | None:
+    """Unmount a fusedrive mount and wait for its daemon to exit; returns its record.
+
+    A live read-write mount is flushed first; if its buffered writes cannot be stored
+    this raises ``NotStored`` (lost=False) and leaves the mount up, unless
+    ``discard``. If the daemon's final flush fails after the unmount it raises
+    ``NotStored`` (lost=True), whatever ``discard`` says, once the daemon is gone.
+    """
     path = record_path(target)
     rec = read_record(path)
     alive = rec is not None and daemon_alive(rec)
@@ -436,6 +493,8 @@ def unmount(target: Path, *, lazy: bool = False, timeout: float = 60.0) -> Mount
         ours = rec is not None or "fusedrive" in fstype or "fusedrive" in source
         if not fstype.startswith("fuse") or not ours:
             raise MountError(f"{target} is not a fusedrive mount (it is {fstype} from {source})")
+        if not discard and (rec is None or (alive and not rec.read_only)):
+            _flush_before_unmount(target, rec)
         _fusermount(target, lazy)
         log.info("event=unmount_requested mountpoint=%s", target)
     if rec is not None and alive:
@@ -449,7 +508,35 @@ def unmount(target: Path, *, lazy: bool = False, timeout: float = 60.0) -> Mount
             time.sleep(0.05)
     if rec is not None:
         _remove_record(path, rec.pid)
+        report = _take_unstored_report(target, rec.pid) if alive else None
+        if report is not None:
+            code = report.get("errno")
+            raise NotStored(
+                f"{target} is unmounted, but its daemon could not store its buffered "
+                f"writes: {report.get('error')}; they are lost (log {rec.log or '-'})",
+                code if isinstance(code, int) else errno.EIO,
+                lost=True,
+            )
     return rec
+
+
+def _flush_before_unmount(target: Path, rec: MountRecord | None) -> None:
+    """Ask the daemon to store its buffered writes; ``NotStored`` if it cannot."""
+    try:
+        request_flush(target)
+    except OSError as exc:
+        code = exc.errno or errno.EIO
+        if code in (errno.ENOTCONN, errno.ENOENT, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return  # a dead daemon, or not a mount that takes flush requests
+        log.error("event=unmount_refused mountpoint=%s errno=%s", target, code)
+        raise NotStored(
+            f"not unmounted: the daemon of {target} cannot store its buffered writes "
+            f"({os.strerror(code)}); they stay buffered and the mount stays up. Fix the "
+            f"cause (log {rec.log if rec is not None and rec.log else '-'}) and unmount "
+            "again, or unmount with --discard to drop them",
+            code,
+            lost=False,
+        ) from exc
 
 
 def _fusermount(target: Path, lazy: bool) -> None:

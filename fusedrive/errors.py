@@ -26,6 +26,7 @@ from blockstore import (
     ReadOnly,
     StoreError,
 )
+from blockstore.errors import store_error_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,19 @@ class FsError(OSError):
         return f"[{errno.errorcode.get(self.errno, self.errno)}] {self.message}"
 
 
+class DataNotStored(FsError):
+    """The mount ended with buffered changes that could not be stored: they are lost.
+
+    Raised by ``fuse_adapter.serve`` after the final flush failed (the kernel had
+    already detached the mount, or a signal stopped the daemon); ``pending_bytes``
+    says how much buffered data went with them.
+    """
+
+    def __init__(self, errno_: int, message: str, pending_bytes: int) -> None:
+        super().__init__(errno_, message)
+        self.pending_bytes = pending_bytes
+
+
 class FlushNeeded(Exception):
     """The operation can proceed only after buffered changes are flushed.
 
@@ -85,6 +99,23 @@ def translate(exc: StoreError) -> FsError:
     if code == errno.EIO:
         log.error("event=store_error errno=EIO error=%s", exc)
     return FsError(code, str(exc))
+
+
+def failure(exc: BaseException, what: str = "flush") -> FsError:
+    """The ``FsError`` for whatever a flush (or another store write) raised.
+
+    ``FsError`` stays as it is; store errors go through the table; an ``OSError`` or
+    LMDB error that escaped the store is translated as the store translates it
+    (ENOSPC for a full filesystem); anything else is a bug, logged with its
+    traceback and reported as EIO, so that it never takes the daemon down.
+    """
+    if isinstance(exc, FsError):
+        return exc
+    err = store_error_of(exc)
+    if err is not None:
+        return translate(err)
+    log.error("event=%s_failed_unexpectedly errno=EIO", what, exc_info=exc)
+    return FsError(errno.EIO, f"{what} failed: {type(exc).__name__}: {exc}")
 
 
 @contextlib.contextmanager

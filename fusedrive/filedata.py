@@ -27,6 +27,16 @@ store will hold after both commit. Hidden stored chunks are not subtracted until
 they are really deleted, so the bound errs on the safe side; a writer that hits it
 flushes and re-checks before reporting ENOSPC.
 
+The store's filesystem is checked too: ``room`` is what the store can still take
+(free space minus its reserve, ``Store.room``, read after every commit) and each
+layer's ``stored`` bounds what its commit may append to the store (every dirty
+chunk and patch as a worst-case record: incompressible, rounded up to the store's
+4 KiB alignment). A write whose bound does not fit makes the writer flush and look
+again, then fail with ENOSPC: data the store cannot take is refused at write(2)
+rather than accepted and lost. Other processes may take the room meanwhile; the
+store's own check then fails the commit with ``NoSpace`` and the job stays
+buffered (fsync, close and unmount report ENOSPC).
+
 Patches (see ``schema``): a write of part of one chunk that has no dirty buffer
 becomes a patch of the live layer, so it needs no fetch and its flush stores only
 the bytes written. Deciding costs no store access: within the live layer a patch
@@ -80,6 +90,7 @@ _ENTRY_OVERHEAD = 128  # bytes charged per cache entry besides its data
 _AHEAD_BATCH = 16  # chunks per task sent to the prepare pool (tasks are cancelled whole)
 MERGE_SLACK = 8 << 20  # bytes merged beyond what a writer lacks, so the next writes fit
 MERGE_BATCH = 64  # chunks rewritten whole per transaction when merging patches
+_RECORD_ALIGN = 4096  # the store's record alignment (blockstore.segments.ALIGN)
 _FIRST_CHUNK_KEY = b"C"  # every chunk and patch key starts with this
 # A chunk carries at most PATCH_MAX patches holding at most 1/PATCH_SHARE of a chunk;
 # past that it is rewritten whole. Measured through a mount (1 GiB file, three 10 s
@@ -178,6 +189,7 @@ class Layer:
         self.prefix_deletes: list[bytes] = []
         self.dirty_bytes = 0
         self.growth = 0
+        self.stored = 0  # a bound of what committing this layer appends to the store
         self.ahead = False  # a flush became due: the backlog was sent to be prepared ahead
 
     def __bool__(self) -> bool:
@@ -495,6 +507,12 @@ def _rewrite_whole(
     return gained, [k for k in stored if k != key], [(key, prep)]
 
 
+def _record_bound(n: int) -> int:
+    """The most the store's segments take for a chunk of ``n`` bytes (zstd's worst-case
+    expansion, the codec byte, the 4 KiB alignment)."""
+    return -(-(n + (n >> 7) + 64) // _RECORD_ALIGN) * _RECORD_ALIGN
+
+
 def _prepare_all(store: Store, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
     return [store.prepare_chunk(snap, level) for snap in snaps]
 
@@ -553,6 +571,7 @@ class FileData:
         self.epoch = 0  # bumped whenever the store's copy of file data may have changed
         self._merge_from = _FIRST_CHUNK_KEY  # where the next merge of patches starts
         self.used, self.capacity = view.usage()
+        self.room = self.store.room()  # what the store's filesystem can still take
         # Where writes send chunks to be hashed and compressed before the flush needs
         # them (``prepare_ahead``; the async adapter sets its pool; None: at the flush).
         self.prepare_pool: Executor | None = None
@@ -562,6 +581,10 @@ class FileData:
 
     def refresh_usage(self) -> None:
         self.used, self.capacity = self.view.usage()
+        self.room = self.store.room()
+
+    def pending_stored(self) -> int:
+        return sum(layer.stored for layer in self.layers())
 
     def file_growth(self, ino: int) -> int:
         growth = self.live.file_growth(ino)  # on every getattr: no generator, no list
@@ -673,23 +696,35 @@ class FileData:
 
         return self.live.chunk_for_update(ino, index, load)
 
-    def check_space(self, growth: int, nbytes: int, pending: bool) -> None:
+    def check_space(self, growth: int, nbytes: int, pending: bool, stored: int = 0) -> None:
         """Raise FlushNeeded if buffers are full, or space is short while changes are pending.
 
         ``pending``: anything at all is buffered (data, metadata or a failed job).
+        ``stored``: a bound of the bytes the change adds to the store (see the module
+        docstring); counted in the live layer once the change passes.
         """
         if pending and nbytes and self.pending_bytes() + nbytes > self.dirty_limit:
             raise FlushNeeded("dirty buffers are full")
-        if growth <= 0 or self.used + self.pending_growth() + growth <= self.capacity:
-            return
-        if pending:
-            raise FlushNeeded("space is short while changes are pending", space=True)
-        self.refresh_usage()
-        if self.used + growth > self.capacity:
-            raise FsError(
-                errno.ENOSPC,
-                f"volume {self.view.name!r} is full ({self.used} of {self.capacity} bytes used)",
-            )
+        if stored and self.pending_stored() + stored > self.room:
+            if pending:
+                raise FlushNeeded("the store may be full while changes are pending", space=True)
+            self.room = self.store.room()  # a fresh look: gc may have given space back
+            if stored > self.room:
+                raise FsError(
+                    errno.ENOSPC,
+                    f"the store is full: {self.room} bytes left beyond its reserve",
+                )
+        if growth > 0 and self.used + self.pending_growth() + growth > self.capacity:
+            if pending:
+                raise FlushNeeded("space is short while changes are pending", space=True)
+            self.refresh_usage()
+            if self.used + growth > self.capacity:
+                raise FsError(
+                    errno.ENOSPC,
+                    f"volume {self.view.name!r} is full "
+                    f"({self.used} of {self.capacity} bytes used)",
+                )
+        self.live.stored += stored
 
     # -- reading and changing file contents -------------------------------------------------------
     def read(self, ino: int, size: int, off: int, n: int) -> bytes:
@@ -731,11 +766,12 @@ class FileData:
                 self.used + self.pending_growth() + len(patch[1]) <= self.capacity
             ):
                 start, piece, absorbed = patch
-                self.check_space(len(piece), n, pending)
+                self.check_space(len(piece), n, pending, _record_bound(len(piece)))
                 live.add_patch(ino, index, start, piece, absorbed)
                 return max(size, end)
         plan = []
-        growth = 0
+        growth = stored = 0
+        dirty = live.files.get(ino)
         for index in range(off // cs, (end - 1) // cs + 1):
             base = index * cs
             s, e = max(off, base) - base, min(end, base + cs) - base
@@ -743,8 +779,10 @@ class FileData:
             # land in the cache) saves a second lookup when the buffer is made.
             length = self.visible(ino, size, index, s > 0 or e < cs)[1]
             growth += max(0, e - length)
+            if dirty is None or index not in dirty.chunks:
+                stored += _record_bound(cs)  # a new dirty chunk: one more record at commit
             plan.append((index, s, e, length))
-        self.check_space(growth, n, pending)
+        self.check_space(growth, n, pending, stored)
         pos = 0
         due = self.prepare_pool is not None and live.dirty_bytes >= self.flush_threshold
         ahead = []

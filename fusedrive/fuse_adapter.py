@@ -24,6 +24,13 @@ stops, before the mount goes away). Serving ends when the file system has no mou
 left in the daemon's own mount namespace, even if a copy lives on in another one
 (``_stop_when_unmounted``): an unmount here always ends the daemon.
 
+Failures (docs/faults.md): a flush that fails raises ``FsError`` (ENOSPC for a full
+store, EIO for anything else, a bug included) and leaves its changes buffered for
+the next flush; fsync and fsyncdir return the error, close of a file opened for
+writing retries and returns it while a failure is outstanding, and no failure ends
+the event loop: the daemon never unmounts itself. A final flush that fails when the
+mount ends raises ``DataNotStored`` out of ``serve`` (logged at CRITICAL).
+
 Kernel options: writeback caching is off (every write reaches the daemon before
 write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
 daemon keeps exact); mounts use default_permissions (the kernel checks modes),
@@ -58,7 +65,7 @@ from blockstore import Busy, InvalidArgument, StoreError
 from blockstore import Store as _Store
 
 from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount
-from .errors import FlushNeeded, FsError, translate
+from .errors import DataNotStored, FlushNeeded, FsError, failure, translate
 from .filedata import FlushJob
 from .filesystem import Filesystem, StatFs
 from .namespace import Attributes, Ctx
@@ -183,6 +190,9 @@ class Flusher:
         self.lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self._background = False
+        # The error of the last flush, while buffered changes it could not store remain
+        # (None once a flush succeeds): close(2) of a file opened for writing reports it.
+        self.failure: FsError | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
             PREPARE_THREADS, thread_name_prefix="fusedrive-prepare"
         )
@@ -202,12 +212,21 @@ class Flusher:
             f.result()
 
     async def flush(self) -> None:
-        """Commit everything buffered before the call (FsError if the commit fails)."""
+        """Commit everything buffered before the call.
+
+        Raises ``FsError`` and nothing else (ENOSPC when the store is full, EIO for
+        any other failure, a bug included); the changes stay buffered, to be
+        committed by the next flush.
+        """
         async with self.lock:
             while True:  # a failed job first, if any, then the live layer
                 retry = self.fs.data.inflight is not None
-                job = self.fs.begin_flush()
+                try:
+                    job = self.fs.begin_flush()
+                except Exception as exc:
+                    raise failure(exc) from exc
                 if job is None:
+                    self.failure = None  # nothing is left unstored
                     return
                 try:
                     t0 = trio.current_time()
@@ -222,13 +241,23 @@ class Flusher:
                         (t1 - t0) * 1000,
                         (trio.current_time() - t1) * 1000,
                     )
-                except StoreError as exc:
+                except BaseException as exc:
                     self.fs.finish_flush(job, None)
-                    raise translate(exc) from exc
-                except BaseException:
-                    self.fs.finish_flush(job, None)
-                    raise
-                self.fs.finish_flush(job, deltas)
+                    if not isinstance(exc, Exception):
+                        raise  # cancelled: the job stays buffered for the next flush
+                    self.failure = failure(exc)
+                    log.error(
+                        "event=flush_failed errno=%s buffered_bytes=%d error=%s",
+                        errno.errorcode.get(self.failure.errno, self.failure.errno),
+                        self.fs.data.pending_bytes(),
+                        self.failure,
+                    )
+                    raise self.failure from exc
+                self.failure = None
+                try:
+                    self.fs.finish_flush(job, deltas)
+                except Exception as exc:  # committed; only the bookkeeping after it failed
+                    raise failure(exc) from exc
                 if not retry:
                     return  # what was buffered before the call is committed
 
@@ -249,10 +278,9 @@ class Flusher:
             await self.flush()
 
     async def flush_logged(self) -> None:
-        try:
+        # Logged by flush; the changes stay buffered and the next flush retries them.
+        with contextlib.suppress(FsError):
             await self.flush()
-        except FsError as exc:
-            log.error("event=flush_failed error=%s", exc)
 
     def after_write(self) -> None:
         """Start a background flush once the dirty buffers pass half their bound."""
@@ -283,18 +311,26 @@ class Flusher:
         mark: tuple[int, ...] | None = None
         due = trio.current_time() + FLUSH_INTERVAL
         while True:
-            await trio.sleep(IDLE_FLUSH)
-            if not self.fs.has_pending() or self.lock.locked():
+            try:
+                mark, due = await self._tick(mark, due)
+            except Exception:  # never let the timer take the mount down
+                log.exception("event=flush_timer_failed")
                 mark, due = None, trio.current_time() + FLUSH_INTERVAL
-                continue
-            now = self._change_mark()
-            # A failed commit is retried at the interval only: it may keep failing.
-            quiet = now == mark and self.fs.data.inflight is None
-            if quiet or trio.current_time() >= due:
-                await self.flush_logged()
-                mark, due = None, trio.current_time() + FLUSH_INTERVAL
-            else:
-                mark = now
+
+    async def _tick(
+        self, mark: tuple[int, ...] | None, due: float
+    ) -> tuple[tuple[int, ...] | None, float]:
+        """One turn of ``run_timer``: returns the next (mark, due)."""
+        await trio.sleep(IDLE_FLUSH)
+        if not self.fs.has_pending() or self.lock.locked():
+            return None, trio.current_time() + FLUSH_INTERVAL
+        now = self._change_mark()
+        # A failed commit is retried at the interval only: it may keep failing.
+        quiet = now == mark and self.fs.data.inflight is None
+        if quiet or trio.current_time() >= due:
+            await self.flush_logged()
+            return None, trio.current_time() + FLUSH_INTERVAL
+        return now, due
 
     def _change_mark(self) -> tuple[int, ...]:
         """Numbers that change with almost every change (an unchanged mark means quiet)."""
@@ -563,7 +599,20 @@ class Operations(pyfuse3.Operations):
             return n
 
     async def flush(self, fh: int) -> None:
-        return None  # close(2) does not flush: fsync does
+        """close(2): does not flush (fsync does), but reports a flush that failed.
+
+        While buffered changes could not be stored (``Flusher.failure``), closing a
+        file opened for writing tries again and fails with the error (ENOSPC, EIO) if
+        they still cannot be stored: close never hides data that is not stored.
+        """
+        with _fuse_errors("flush"):
+            h = self.fs.handles.get(fh)
+            if (
+                self.flusher.failure is not None
+                and h is not None
+                and h.flags & os.O_ACCMODE != os.O_RDONLY
+            ):
+                await self.flusher.flush()
 
     async def release(self, fh: int) -> None:
         with _fuse_errors("release"):
@@ -603,8 +652,10 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         with _fuse_errors("setxattr"):
             if inode == ROOT_INO and name == FLUSH_XATTR_BYTES:
+                # After a failure, pick up a fixed cause (a changed parameter) first.
+                changed = self.fs.refresh() if self.flusher.failure is not None else []
                 await self.flusher.flush()
-                for ino in self.fs.refresh():
+                for ino in {*changed, *self.fs.refresh()}:
                     await trio.to_thread.run_sync(_invalidate_attrs, ino)
                 log.info("event=flush_request_served")
                 return
@@ -831,7 +882,7 @@ def _serve_fs(
             else []
         )
         try:
-            fs.close()
+            _final_flush(fs)
         finally:
             ops.flusher.close()
             # Unmount only our own mount (SIGTERM): once it is gone, whatever is mounted
@@ -846,6 +897,40 @@ def _serve_fs(
                 mountpoint,
                 ops.largest_write,
             )
+
+
+def _final_flush(fs: Filesystem) -> None:
+    """Flush and close ``fs`` as the mount ends; ``DataNotStored`` if that fails.
+
+    A failed flush is tried once more after picking up the volume's parameters (a
+    fixed cause); if it still fails the buffered changes cannot be kept anywhere:
+    they are reported lost (logged, and raised so the daemon exits non-zero and
+    ``fusedrive umount`` says so), never silently dropped.
+    """
+    for attempt in (1, 2):
+        try:
+            fs.close()
+            return
+        except Exception as exc:
+            err = failure(exc, "final flush")
+            if attempt == 1:
+                log.error("event=final_flush_failed attempt=1 error=%s", err)
+                with contextlib.suppress(Exception):
+                    fs.refresh()
+                continue
+            pending = fs.data.pending_bytes()
+            log.critical(
+                "event=data_not_stored buffered_bytes=%d errno=%s error=%s",
+                pending,
+                errno.errorcode.get(err.errno, err.errno),
+                err,
+            )
+            raise DataNotStored(
+                err.errno,
+                f"the final flush failed ({err}); {pending} bytes of buffered writes "
+                "and the changes buffered with them were not stored",
+                pending,
+            ) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
