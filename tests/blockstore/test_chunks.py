@@ -15,6 +15,8 @@ import hashlib
 import logging
 import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -819,3 +821,131 @@ def test_gc_step_refuses_an_empty_batch(store: Store) -> None:
         store.gc_step(batch=0)
     assert store.gc_step(budget=0, batch=1) is False
     assert empty(store)
+
+
+# -- damage heals by storing the chunk again ----------------------------------------
+
+
+@pytest.fixture
+def shared_damage(store: Store) -> tuple[Store, bytes, bytes]:
+    """One chunk named by a volume, its snapshot and a clone, its stored copy damaged."""
+    from tests.conftest import _flip_stored_byte
+
+    store.create_volume("v", 4 << 20)
+    v = store.volume("v")
+    data = os.urandom(65536)
+    v.put_chunk(b"a", data)
+    v.put_chunk(b"other", os.urandom(65536))
+    store.create_snapshot("v", "s")
+    store.clone_snapshot("s", "c")
+    digest = _digest(store, "v", b"a")
+    _flip_stored_byte(store, digest)
+    return store, data, digest
+
+
+def _every_view_reads(store: Store, key: bytes, data: bytes) -> None:
+    for view in (store.volume("v"), store.snapshot("s"), store.volume("c")):
+        assert view.read_chunk(key) == data, view.name
+
+
+def _put_in_another_process(store: Store, key: bytes, data: bytes) -> None:
+    code = (
+        "import sys; from blockstore import Store\n"
+        "with Store(sys.argv[1]) as s: s.volume('v').put_chunk(bytes.fromhex(sys.argv[2]),"
+        " sys.stdin.buffer.read())"
+    )
+    subprocess.run([sys.executable, "-c", code, str(store.path), key.hex()], input=data, check=True)
+
+
+def _marked(store: Store, digest: bytes) -> bool:
+    with store.env.begin() as txn:
+        return txn.get(digest, db=store.dbs.damaged) is not None
+
+
+@pytest.mark.parametrize("read_first", [True, False], ids=["found-on-read", "not-yet-known"])
+def test_storing_a_damaged_chunk_again_heals_every_sharer(
+    shared_damage: tuple[Store, bytes, bytes], read_first: bool
+) -> None:
+    store, data, digest = shared_damage
+    if read_first:
+        with pytest.raises(Corrupt):
+            store.volume("v").read_chunk(b"a")
+    before = store.stats()
+    store.volume("c").put_chunk(b"copy", data)  # the same bytes, written anew
+    _every_view_reads(store, b"a", data)
+    assert store.volume("c").read_chunk(b"copy") == data
+    after = store.stats()
+    # The damaged copy was replaced, not duplicated: still one chunk of this hash.
+    assert after.chunk_count == before.chunk_count
+    assert after.stored_bytes == before.stored_bytes
+    assert not _marked(store, digest)
+    assert fsck(store).clean
+
+
+def test_a_chunk_found_damaged_on_read_is_marked_by_the_next_write(
+    shared_damage: tuple[Store, bytes, bytes],
+) -> None:
+    store, data, digest = shared_damage
+    with pytest.raises(Corrupt):
+        store.volume("v").read_chunks([b"other", b"a"])
+    assert not _marked(store, digest)  # a read does not take the write lock
+    store.volume("v").put(b"unrelated", b"x")
+    assert _marked(store, digest)
+    _put_in_another_process(store, b"again", data)  # heals it: the mark goes
+    assert not _marked(store, digest)
+    _every_view_reads(store, b"a", data)
+    assert fsck(store).clean
+
+
+def test_a_chunk_healed_elsewhere_is_not_marked(shared_damage: tuple[Store, bytes, bytes]) -> None:
+    store, data, digest = shared_damage
+    with pytest.raises(Corrupt):
+        store.volume("v").read_chunk(b"a")
+    _put_in_another_process(store, b"again", data)
+    store.volume("v").put(b"unrelated", b"x")
+    assert not _marked(store, digest)
+    _every_view_reads(store, b"a", data)
+
+
+def test_one_batch_storing_a_damaged_chunk_twice_rewrites_it_once(
+    shared_damage: tuple[Store, bytes, bytes],
+) -> None:
+    store, data, _ = shared_damage
+    before = store.stats().stored_bytes
+    with store.volume("v").batch() as b:
+        for i in range(3):
+            b.put_chunk(b"copy%d" % i, store.prepare_chunk(data))
+    store.segments.settle()
+    assert store.stats().stored_bytes == before
+    _every_view_reads(store, b"a", data)
+    report = fsck(store)
+    assert report.clean and report.reclaimable_bytes < 2 * 65536, report
+
+
+def test_storing_a_chunk_whose_record_is_missing_restores_it(store: Store) -> None:
+    store.create_volume("v", 1 << 20)
+    v = store.volume("v")
+    data = os.urandom(5000)
+    v.put_chunk(b"a", data)
+    digest = _digest(store, "v", b"a")
+    write_behind(store, store.dbs.chunks, digest, None)
+    with pytest.raises(Corrupt):
+        v.read_chunk(b"a")
+    assert fsck(store).unfixable
+    v.put_chunk(b"b", data)
+    assert v.read_chunk(b"a") == data == v.read_chunk(b"b")
+    # What remains is the lost record's uncounted space in its segment.
+    assert not fsck(store).unfixable
+    fsck(store, repair=True)
+    assert fsck(store).clean
+
+
+def test_a_sound_copy_stored_at_another_level_is_kept(store_dir: Path) -> None:
+    with Store(store_dir, compression_level=0) as s:
+        s.create_volume("v", 1 << 20)
+        s.volume("v").put_chunk(b"a", TEXT)
+        location = s.locate_chunk(_digest(s, "v", b"a"))
+    with Store(store_dir, compression_level=9) as s:
+        s.volume("v").put_chunk(b"b", TEXT)  # a different record, the same chunk
+        assert s.locate_chunk(_digest(s, "v", b"b")) == location
+        assert fsck(s).clean
