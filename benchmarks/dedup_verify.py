@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=7)
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory(dir=root, prefix=".dedup-bench-") as tmp, Store(
-        Path(tmp) / "store"
-    ) as store:
+    with (
+        tempfile.TemporaryDirectory(dir=root, prefix=".dedup-bench-") as tmp,
+        Store(Path(tmp) / "store") as store,
+    ):
         store.create_volume("v", 1 << 40)
         preps = [store.prepare_chunk(d) for d in _datas(args.chunks)]
         _timed_batch(store, preps, b"orig")
