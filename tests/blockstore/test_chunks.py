@@ -949,3 +949,55 @@ def test_a_sound_copy_stored_at_another_level_is_kept(store_dir: Path) -> None:
         s.volume("v").put_chunk(b"b", TEXT)  # a different record, the same chunk
         assert s.locate_chunk(_digest(s, "v", b"b")) == location
         assert fsck(s).clean
+
+
+def test_fsck_names_every_key_that_sees_a_damaged_chunk_and_repair_marks_it(
+    shared_damage: tuple[Store, bytes, bytes],
+) -> None:
+    store, data, digest = shared_damage
+    store.volume("v").put_chunk(b"a2", data)  # a second key of the same chunk (healed here)
+    from tests.conftest import _flip_stored_byte
+
+    _flip_stored_byte(store, digest)
+    report = fsck(store)
+    assert [d.digest for d in report.damaged] == [digest]
+    damage = report.damaged[0]
+    assert "does not match its hash" in damage.why and damage.raw_length == len(data)
+    assert not damage.marked
+    assert sorted((r.kind, r.name, r.key) for r in damage.refs) == [
+        ("snapshot", "s", b"a"),
+        ("volume", "c", b"a"),
+        ("volume", "v", b"a"),
+        ("volume", "v", b"a2"),
+    ]
+    repaired = fsck(store, repair=True)
+    assert repaired.marked == 1 and repaired.damaged[0].marked and not repaired.clean
+    assert _marked(store, digest)
+    again = fsck(store)
+    assert again.marked == 0 and again.damaged[0].marked
+    store.volume("v").put_chunk(b"heal", data)
+    assert fsck(store).clean
+    _every_view_reads(store, b"a", data)
+
+
+def test_fsck_names_the_keys_of_a_missing_chunk(populated: Store) -> None:
+    digest = _digest(populated, "v", b"c")
+    write_behind(populated, populated.dbs.chunks, digest, None)
+    damage = {d.digest: d for d in fsck(populated).damaged}[digest]
+    assert "missing" in damage.why
+    assert sorted((r.kind, r.name) for r in damage.refs) == [
+        ("snapshot", "s"),
+        ("volume", "clone"),
+        ("volume", "v"),
+    ]
+
+
+def test_fsck_drops_a_stale_damage_mark(populated: Store) -> None:
+    digest = _digest(populated, "v", b"a")
+    write_behind(populated, populated.dbs.damaged, digest, b"was damaged once")
+    write_behind(populated, populated.dbs.damaged, b"\x01" * 32, b"a chunk long gone")
+    report = fsck(populated)
+    assert sum("marked damaged" in p for p in report.problems) == 2, report.problems
+    assert not report.damaged
+    assert fsck(populated, repair=True).repaired == 2
+    assert fsck(populated).clean and not _marked(populated, digest)
