@@ -184,7 +184,7 @@ def _check_segments(
 
 
 def _damage(digest: bytes, why: str, raw_length: int) -> DamagedChunk:
-    return DamagedChunk(digest, why, raw_length)
+    return DamagedChunk(digest, why.removeprefix(f"chunk {digest.hex()[:16]} "), raw_length)
 
 
 def _check_damage(store: Store, txn: object, rep: FsckReport, repair: bool) -> None:

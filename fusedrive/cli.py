@@ -552,7 +552,10 @@ def cmd_fsck(args: argparse.Namespace, out: Output) -> int:
         if not mine:
             out.say("  nothing a volume or snapshot reads (space only)")
     if report.marked:
-        out.say(f"marked {_count(report.marked, 'damaged chunk')}")
+        out.say(
+            f"marked {_count(report.marked, 'damaged chunk')}: the next write of the same "
+            "bytes rewrites it; no file data was changed"
+        )
     if report.clean:
         out.say("clean")
     elif not remaining:
@@ -562,11 +565,16 @@ def cmd_fsck(args: argparse.Namespace, out: Output) -> int:
     else:
         out.say(f"{_count(len(remaining), 'problem')} remaining")
     if report.damaged:
+        zero = (
+            "delete the snapshots that still hold damage, or unmount the volumes and run "
+            "`fusedrive fsck --zero-damaged` again"
+            if args.zero_damaged
+            else "`fusedrive fsck --zero-damaged` replaces the damaged ranges of unmounted "
+            "volumes by holes (the bytes are lost; snapshots are never changed)"
+        )
         out.say(
             f"{_count(len(report.damaged), 'damaged chunk')}: reads of the ranges above fail "
-            "with EIO. Writing the same bytes again (from a backup) heals every copy; "
-            "`fusedrive fsck --zero-damaged` replaces the damaged ranges of unmounted "
-            "volumes by holes (the bytes are lost; snapshots are never changed)."
+            f"with EIO. Writing the same bytes again (from a backup) heals every copy; {zero}."
         )
     return EXIT_CORRUPT if remaining else EXIT_OK
 
