@@ -81,6 +81,7 @@ def test_writing_the_same_data_again_heals_every_file_sharing_it(
     assert eio(mnt / "a")
     with open(mnt / "b", "wb") as f:  # the identical good bytes, to a new file
         f.write(data)
+        f.flush()
         os.fsync(f.fileno())
     assert (mnt / "b").read_bytes() == data  # on 678449a: EIO, dedup named the damaged copy
     assert (mnt / "a").read_bytes() == data
@@ -88,6 +89,20 @@ def test_writing_the_same_data_again_heals_every_file_sharing_it(
     snap = fuse_mounts.mount("--snapshot", "s", at="snap")
     assert (snap / "a").read_bytes() == data  # the snapshot shares the healed chunk
     fuse_mounts.unmount(snap)
+    code, report = fsck_json(fuse_mounts.store)
+    assert code == 0 and report["clean"], report
+
+    # Damaged again: rewriting the file in place, chunk by whole chunk, heals it too.
+    with Store(fuse_mounts.store) as s:
+        flip_stored_byte(s, stored_ref(s, "v", chunk_key(ino, 2)).digest)
+    mnt = fuse_mounts.mount("--volume", "v")
+    assert eio(mnt / "b")
+    with open(mnt / "a", "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    assert (mnt / "a").read_bytes() == data == (mnt / "b").read_bytes()
+    fuse_mounts.unmount(mnt)
     code, report = fsck_json(fuse_mounts.store)
     assert code == 0 and report["clean"], report
 
