@@ -4,7 +4,8 @@ Commands (``fusedrive COMMAND --help`` for each):
 
     volume create|list|delete|expand     snapshot create|list|delete
     clone SOURCE NAME                    mount NAME MOUNTPOINT     umount MOUNTPOINT
-    gc                  fsck [--repair] [--zero-damaged]           stats
+    gc                                   fsck [--repair] [--zero-damaged]
+    stats
 
 The store is ``--store DIR``, else ``$FUSEDRIVE_STORE``, else ``/var/lib/fusedrive``
 for root and ``$XDG_DATA_HOME/fusedrive`` (``~/.local/share/fusedrive``) otherwise.
