@@ -6,7 +6,11 @@ store on the repository's disk, the time per chunk of a batch that stores chunks
 that are all already stored: with the check, and with the check replaced by
 "sound" (what the store did before). Also, for scale, a batch of new chunks.
 
-    .venv/bin/python -m benchmarks.dedup_verify [--chunks N] [--rounds R]
+    .venv/bin/python -m benchmarks.dedup_verify [--chunks N] [--rounds R] [--cold]
+
+``--cold`` drops the store's segment files from the page cache before each timed
+batch (``posix_fadvise(DONTNEED)`` on those files only, nothing else on the
+machine), so the check reads the records from disk.
 
 Invariants: the store lives in a temporary directory removed afterwards; data is
 generated outside the timed region; both variants run in the same process on the
@@ -40,8 +44,19 @@ def _datas(n: int) -> list[bytes]:
     return out
 
 
-def _timed_batch(store: Store, preps: list[ch.PreparedChunk], prefix: bytes) -> float:
+def _drop_cache(store: Store) -> None:
+    for seg in store.segments.existing():
+        fd = store.segments.fd(seg)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _timed_batch(
+    store: Store, preps: list[ch.PreparedChunk], prefix: bytes, cold: bool = False
+) -> float:
     v = store.volume("v")
+    if cold:
+        _drop_cache(store)
     t0 = time.perf_counter()
     with v.batch() as b:
         for i, prep in enumerate(preps):
@@ -53,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chunks", type=int, default=512)
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--cold", action="store_true", help="records read from disk, not the cache")
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parent.parent
     with (
@@ -65,14 +81,14 @@ def main(argv: list[str] | None = None) -> None:
         real: Callable[..., bool] = ch.copy_is_sound
         times: dict[str, list[float]] = {"verify": [], "no verify": [], "new chunks": []}
         for r in range(args.rounds):
-            times["verify"].append(_timed_batch(store, preps, b"dup%d-" % r))
-            ch.copy_is_sound = lambda *a, **k: True  # type: ignore[assignment]
+            times["verify"].append(_timed_batch(store, preps, b"dup%d-" % r, args.cold))
+            ch.copy_is_sound = lambda *a, **k: True
             try:
-                times["no verify"].append(_timed_batch(store, preps, b"dup%d-" % r))
+                times["no verify"].append(_timed_batch(store, preps, b"dup%d-" % r, args.cold))
             finally:
-                ch.copy_is_sound = real  # type: ignore[assignment]
+                ch.copy_is_sound = real
             fresh = [store.prepare_chunk(d) for d in _datas(args.chunks)]
-            times["new chunks"].append(_timed_batch(store, fresh, b"new%d-" % r))
+            times["new chunks"].append(_timed_batch(store, fresh, b"new%d-" % r, args.cold))
         for name, ts in times.items():
             med = statistics.median(ts)
             print(f"{name:>10}: {med / args.chunks * 1e6:7.1f} us/chunk (median of {len(ts)})")

@@ -41,11 +41,11 @@ copy, in the same transaction, for every entry that names the digest (every
 file, volume and snapshot sharing it). The check reads the stored record and
 compares it byte for byte with the record the put would write (a record stored
 at another compression level is decoded and hashed instead). Measured on this
-2-core VM (``python -m benchmarks.dedup_verify``, 512 chunks of 64 KiB, half
-text, half random, records in the page cache): a batch of dedup hits costs 50-53
-us per chunk with the check, 23-32 us without it, and new chunks 73-74 us; so a
-dedup hit stays cheaper than a new chunk. A record no longer in the page cache
-adds one read from disk.
+2-core VM (``python -m benchmarks.dedup_verify``, 64 KiB chunks): the check about
+doubles the cost of a dedup hit (50-69 us against 23-36 us per chunk with the
+records in the page cache, 69-112 against 38-56 us with them dropped from it),
+which stays below the cost of storing a new chunk (73-258 us); docs/store.md,
+"Damage", has the numbers.
 
 Invariant kept by every writer: counters ``chunk_count``, ``unique_raw_bytes``,
 ``stored_bytes`` and ``referenced_raw_bytes`` in the ``meta`` database equal the
