@@ -177,6 +177,9 @@ def test_fsck_names_paths_and_ranges_and_zeroes_only_when_asked(
     # Zeros where the damaged patch was, not the bytes it had covered.
     b[70000 : 70000 + 4096] = bytes(4096)
     assert (mnt / "b").read_bytes() == bytes(b)
+    # The files' stored bytes follow: a's chunk is a hole, b's patch merged away.
+    assert (mnt / "dir" / "a").stat().st_blocks * 512 == 3 * CHUNK
+    assert (mnt / "b").stat().st_blocks * 512 == 2 * CHUNK
     fuse_mounts.unmount(mnt)
     assert fd_cli(store, "snapshot", "delete", "s").returncode == 0
     assert fd_cli(store, "gc").returncode == 0  # the snapshot's versions go, and the damage
