@@ -92,6 +92,18 @@ def test_writing_the_same_data_again_heals_every_file_sharing_it(
     code, report = fsck_json(fuse_mounts.store)
     assert code == 0 and report["clean"], report
 
+    # Damaged again, and nobody has read it yet: a write of the same bytes checks the
+    # stored copy it would share and replaces it.
+    with Store(fuse_mounts.store) as s:
+        flip_stored_byte(s, stored_ref(s, "v", chunk_key(ino, 2)).digest)
+    mnt = fuse_mounts.mount("--volume", "v")
+    with open(mnt / "c", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    assert (mnt / "a").read_bytes() == data == (mnt / "c").read_bytes()
+    fuse_mounts.unmount(mnt)
+
     # Damaged again: rewriting the file in place, chunk by whole chunk, heals it too.
     with Store(fuse_mounts.store) as s:
         flip_stored_byte(s, stored_ref(s, "v", chunk_key(ino, 2)).digest)
@@ -187,7 +199,9 @@ def test_fsck_names_paths_and_ranges_and_zeroes_only_when_asked(
     assert code == 0 and report["clean"], report
 
 
-def test_zeroing_skips_a_mounted_volume(fuse_mounts: FuseMounts, flip_stored_byte: Flip) -> None:
+def test_a_read_marks_damage_and_zeroing_skips_a_mounted_volume(
+    fuse_mounts: FuseMounts, flip_stored_byte: Flip
+) -> None:
     store = fuse_mounts.store
     fuse_mounts.volume("v")
     mnt = fuse_mounts.mount("--volume", "v")
@@ -197,6 +211,13 @@ def test_zeroing_skips_a_mounted_volume(fuse_mounts: FuseMounts, flip_stored_byt
     with Store(store) as s:
         flip_stored_byte(s, stored_ref(s, "v", chunk_key(ino, 0)).digest)
     mnt = fuse_mounts.mount("--volume", "v")
+    assert eio(mnt / "f")
+    with open(mnt / "other", "wb") as f:  # the daemon's next commit marks what it found
+        f.write(b"x")
+        f.flush()
+        os.fsync(f.fileno())
+    code, report = fsck_json(store)
+    assert code == 6 and [d["marked"] for d in report["damaged"]] == [True], report
     code, report = fsck_json(store, "--zero-damaged")
     assert code == 6 and not report["zeroed"]
     assert [r["reason"] for r in report["not_zeroed"]] == [
