@@ -89,24 +89,32 @@ def _paths(view: View) -> dict[int, list[str]]:
             continue
         parent = int.from_bytes(key[1:9], "big")
         names.setdefault(child, []).append((parent, key[9:]))
+    dirs: dict[int, str | None] = {ROOT_INO: ""}
+
+    def dir_path(ino: int) -> str | None:
+        """A directory's path ("" for the root); None if it does not lead to the root."""
+        parts, cur, seen = [], ino, set()
+        while cur not in dirs:
+            if cur in seen or cur not in names:  # a cycle or a lost parent: damaged records
+                dirs[ino] = None
+                return None
+            seen.add(cur)
+            parent, name = names[cur][0]  # a directory has one name
+            parts.append(name.decode(errors="backslashreplace"))
+            cur = parent
+        base = dirs[cur]
+        dirs[ino] = None if base is None else base + "".join("/" + p for p in reversed(parts))
+        return dirs[ino]
+
     out: dict[int, list[str]] = {}
-
-    def of(ino: int, depth: int) -> list[str]:
-        if ino == ROOT_INO:
-            return [""]
-        if ino in out:
-            return out[ino]
-        if depth > 4096:  # a cycle: the records are damaged too
-            return []
-        got = [
-            f"{up}/{name.decode(errors='backslashreplace')}"
-            for parent, name in names.get(ino, [])
-            for up in of(parent, depth + 1)
-        ]
-        out[ino] = got
-        return got
-
-    return {ino: sorted(of(ino, 0)) for ino in names}
+    for ino, links in names.items():
+        found = []
+        for parent, name in links:  # a file has a name per hard link
+            up = dir_path(parent)
+            if up is not None:
+                found.append(f"{up}/{name.decode(errors='backslashreplace')}")
+        out[ino] = sorted(found)
+    return out
 
 
 def locate(store: Store, report: FsckReport) -> list[DamagedRange]:
