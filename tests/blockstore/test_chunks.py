@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import blake3
@@ -827,10 +827,10 @@ def test_gc_step_refuses_an_empty_batch(store: Store) -> None:
 
 
 @pytest.fixture
-def shared_damage(store: Store) -> tuple[Store, bytes, bytes]:
+def shared_damage(
+    store: Store, flip_stored_byte: Callable[[Store, bytes], None]
+) -> tuple[Store, bytes, bytes]:
     """One chunk named by a volume, its snapshot and a clone, its stored copy damaged."""
-    from tests.conftest import _flip_stored_byte
-
     store.create_volume("v", 4 << 20)
     v = store.volume("v")
     data = os.urandom(65536)
@@ -839,7 +839,7 @@ def shared_damage(store: Store) -> tuple[Store, bytes, bytes]:
     store.create_snapshot("v", "s")
     store.clone_snapshot("s", "c")
     digest = _digest(store, "v", b"a")
-    _flip_stored_byte(store, digest)
+    flip_stored_byte(store, digest)
     return store, data, digest
 
 
@@ -952,13 +952,11 @@ def test_a_sound_copy_stored_at_another_level_is_kept(store_dir: Path) -> None:
 
 
 def test_fsck_names_every_key_that_sees_a_damaged_chunk_and_repair_marks_it(
-    shared_damage: tuple[Store, bytes, bytes],
+    shared_damage: tuple[Store, bytes, bytes], flip_stored_byte: Callable[[Store, bytes], None]
 ) -> None:
     store, data, digest = shared_damage
     store.volume("v").put_chunk(b"a2", data)  # a second key of the same chunk (healed here)
-    from tests.conftest import _flip_stored_byte
-
-    _flip_stored_byte(store, digest)
+    flip_stored_byte(store, digest)
     report = fsck(store)
     assert [d.digest for d in report.damaged] == [digest]
     damage = report.damaged[0]

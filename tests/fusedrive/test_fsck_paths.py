@@ -8,6 +8,7 @@ chain deeper than Python's recursion limit, a cycle, a lost parent.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from blockstore import Store, fsck
@@ -42,9 +43,9 @@ def test_paths_of_links_deep_trees_and_broken_records(tmp_path: Path) -> None:
     assert paths[8] == ["/d" * 3000 + "/deep"]
 
 
-def test_locate_gives_the_byte_range_of_chunks_and_patches(tmp_path: Path) -> None:
-    from tests.conftest import _flip_stored_byte
-
+def test_locate_gives_the_byte_range_of_chunks_and_patches(
+    tmp_path: Path, flip_stored_byte: Callable[[Store, bytes], None]
+) -> None:
     with Store(tmp_path / "store") as store:
         store.create_volume("v", 1 << 30)
         v = store.volume("v")
@@ -59,7 +60,7 @@ def test_locate_gives_the_byte_range_of_chunks_and_patches(tmp_path: Path) -> No
         for key in (chunk_key(2, 3), b"Zraw"):
             ref = v.get(key)
             assert ref is not None and not isinstance(ref, bytes)
-            _flip_stored_byte(store, ref.digest)
+            flip_stored_byte(store, ref.digest)
         found = sorted((r.paths, r.start, r.end, r.ino, r.key) for r in locate(store, fsck(store)))
     assert found == [
         ((), 0, 0, None, b"Zraw"),
