@@ -25,6 +25,8 @@ import blake3
 import lmdb
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blockstore import (
     HOLE,
@@ -999,3 +1001,87 @@ def test_fsck_drops_a_stale_damage_mark(populated: Store) -> None:
     assert not report.damaged
     assert fsck(populated, repair=True).repaired == 2
     assert fsck(populated).clean and not _marked(populated, digest)
+
+
+_PAYLOADS = [TEXT[:20000], os.urandom(30000), os.urandom(65536), TEXT[1000:9000]]
+_KEYS = [b"k0", b"k1", b"k2", b"k3"]
+_OPS = st.one_of(
+    st.tuples(st.just("put"), st.sampled_from(_KEYS), st.integers(0, len(_PAYLOADS) - 1)),
+    st.tuples(st.just("flip"), st.integers(0, len(_PAYLOADS) - 1)),
+    st.tuples(st.just("read"), st.integers(0, 3), st.sampled_from(_KEYS)),
+    st.tuples(st.just("delete"), st.sampled_from(_KEYS)),
+    st.just(("snapshot",)),
+)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    # flip_stored_byte is a plain function: sharing it between examples is harmless.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(ops=st.lists(_OPS, max_size=30))
+def test_damage_model(
+    ops: list[tuple],
+    tmp_path_factory: pytest.TempPathFactory,
+    flip_stored_byte: Callable[[Store, bytes], None],
+) -> None:
+    """Reads fail exactly for damaged chunks, any put of the bytes heals them, fsck agrees.
+
+    The model: which payload each key of the volume and of each snapshot holds, and
+    which payloads' stored copies are damaged (an odd number of flips since the
+    bytes were last stored; a chunk no view holds any more is gone with its damage).
+    """
+    digests = [ch.digest_of(p) for p in _PAYLOADS]
+    with Store(tmp_path_factory.mktemp("model") / "store") as store:
+        store.create_volume("v", 1 << 30)
+        views: list[dict[bytes, int]] = [{}]  # the volume, then each snapshot
+        damaged: set[int] = set()
+
+        def stored(i: int) -> bool:
+            try:
+                store.locate_chunk(digests[i])
+            except NotFound:
+                return False
+            return True
+
+        for op in ops:
+            if op[0] == "put":
+                store.volume("v").put_chunk(op[1], _PAYLOADS[op[2]])
+                views[0][op[1]] = op[2]
+                damaged.discard(op[2])
+            elif op[0] == "flip" and stored(op[1]):
+                flip_stored_byte(store, digests[op[1]])
+                damaged ^= {op[1]}
+            elif op[0] == "read" and op[1] < len(views):
+                view = store.volume("v") if op[1] == 0 else store.snapshot(f"s{op[1]}")
+                want = views[op[1]].get(op[2])
+                if want in damaged:
+                    with pytest.raises(Corrupt):
+                        view.read_chunk(op[2])
+                else:
+                    got = view.read_chunk(op[2])
+                    assert got == (None if want is None else _PAYLOADS[want])
+            elif op[0] == "delete":
+                store.volume("v").delete(op[1])
+                views[0].pop(op[1], None)
+            elif op[0] == "snapshot":
+                store.create_snapshot("v", f"s{len(views)}")
+                views.append(dict(views[0]))
+            damaged = {i for i in damaged if stored(i)}
+        report = fsck(store)
+        assert {d.digest for d in report.damaged} == {digests[i] for i in damaged}
+        for d in report.damaged:  # every key of every view holding the payload is named
+            i = digests.index(d.digest)
+            want = {
+                ("volume" if n == 0 else "snapshot", "v" if n == 0 else f"s{n}", k)
+                for n, view in enumerate(views)
+                for k, j in view.items()
+                if j == i
+            }
+            assert {(r.kind, r.name, r.key) for r in d.refs} == want
+        fsck(store, repair=True)  # drops marks of chunks flipped back, marks the rest
+        assert fsck(store).clean == (not damaged)
+        for i in sorted(damaged):
+            store.volume("v").put_chunk(b"heal", _PAYLOADS[i])
+        assert fsck(store).clean
