@@ -22,6 +22,14 @@ rows, holder counts, the release queue, usage and counters, segment records;
 it deletes dead segment files and punches out reclaimable space. Dangling references
 and corrupt chunks are reported, not removed: a read of them fails with an I/O
 error rather than returning wrong bytes.
+
+Damage: every chunk whose stored copy is missing or does not decode to its hash is
+listed in ``FsckReport.damaged`` with the volume and snapshot keys that see it (the
+store knows keys, not files: ``fusedrive.fsck`` maps them to paths and byte ranges).
+``repair=True`` marks each damaged chunk (``chunks.py``, ``damaged``), so the next
+put of the same bytes rewrites it even without checking, and drops marks of chunks
+that are gone or read sound again. Storing the same bytes again heals a chunk for
+every key that names it (``chunks.copy_is_sound``); nothing else can.
 """
 
 from __future__ import annotations
@@ -36,12 +44,30 @@ from typing import TYPE_CHECKING
 from . import chunks as ch
 from . import layers as ly
 from .catalog import SnapshotInfo, pack_vstate, unpack_vstate
-from .errors import Corrupt
+from .errors import Corrupt, NotFound
 
 if TYPE_CHECKING:
     from .store import Store
 
 _U64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True)
+class DamageRef:
+    """A key that sees a damaged chunk: in volume (head) or snapshot ``name``."""
+
+    kind: str  # "volume" or "snapshot"
+    name: str
+    key: bytes
+
+
+@dataclass
+class DamagedChunk:
+    digest: bytes
+    why: str
+    raw_length: int
+    marked: bool = False  # marked in ``damaged`` (after this fsck, if it repaired)
+    refs: list[DamageRef] = field(default_factory=list)
 
 
 @dataclass
@@ -53,6 +79,8 @@ class FsckReport:
     unfixable: list[str] = field(default_factory=list)
     repaired: int = 0
     reclaimable_bytes: int = 0
+    damaged: list[DamagedChunk] = field(default_factory=list)
+    marked: int = 0  # damaged chunks this repair marked
 
     @property
     def clean(self) -> bool:
@@ -69,6 +97,7 @@ def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -
     after: list[Callable[[], None]] = []
     try:
         _check(store, txn, rep, repair, progress)
+        _check_damage(store, txn, rep, repair)
         _check_segments(store, txn, rep, repair, after)
         if repair:
             txn.commit()
@@ -152,6 +181,61 @@ def _check_segments(
                         pos = max(pos, off + size)
 
                 after.append(punch_gaps)
+
+
+def _damage(digest: bytes, why: str, raw_length: int) -> DamagedChunk:
+    return DamagedChunk(digest, why.removeprefix(f"chunk {digest.hex()[:16]} "), raw_length)
+
+
+def _check_damage(store: Store, txn: object, rep: FsckReport, repair: bool) -> None:
+    """Marks of damaged chunks, and the volume and snapshot keys that see the damage."""
+    import lmdb
+
+    assert isinstance(txn, lmdb.Transaction)
+    dbs = store.dbs
+    damaged = {d.digest: d for d in rep.damaged}
+    stale = []
+    for digest, why in txn.cursor(db=dbs.damaged):
+        digest = bytes(digest)
+        if digest in damaged:
+            damaged[digest].marked = True
+        elif txn.get(digest, db=dbs.chunks) is None:
+            rep.problems.append(f"chunk {digest.hex()[:16]} is marked damaged but is gone")
+            stale.append(digest)
+        else:
+            rep.problems.append(
+                f"chunk {digest.hex()[:16]} is marked damaged ({bytes(why).decode()}) "
+                "but no referenced copy of it is damaged"
+            )
+            stale.append(digest)
+    if repair:
+        for digest in stale:
+            txn.delete(digest, db=dbs.damaged)
+            rep.repaired += 1
+        for d in rep.damaged:
+            if not d.marked and txn.get(d.digest, db=dbs.chunkrefs) is not None:
+                txn.put(d.digest, d.why.encode(), db=dbs.damaged)
+                d.marked = True
+                rep.marked += 1
+    if not damaged:
+        return
+    views: list[tuple[str, str, int]] = [
+        ("volume", bytes(k).decode(), unpack_vstate(bytes(v))[0])
+        for k, v in txn.cursor(db=dbs.vstate)
+    ]
+    for v in txn.cursor(db=dbs.snapshots).iternext(keys=False):
+        snap = SnapshotInfo.from_json(bytes(v))
+        views.append(("snapshot", snap.name, snap.layer))
+    for kind, name, layer in views:
+        try:
+            lin = store.lineages.get(txn, dbs, layer)
+        except NotFound:  # a missing layer is reported above
+            continue
+        for key, value in ly.scan(txn, dbs, lin, b""):
+            if isinstance(value, ly.ChunkRef) and value.digest in damaged:
+                d = damaged[value.digest]
+                d.refs.append(DamageRef(kind, name, key))
+                d.raw_length = d.raw_length or value.raw_length
 
 
 def _check(
@@ -239,6 +323,7 @@ def _check(
         if location is None:
             if want:
                 rep.unfixable.append(f"chunk {digest.hex()[:16]} is missing ({want} references)")
+                rep.damaged.append(_damage(digest, "its stored copy is missing", raw_len))
             else:
                 problem(f"reference record of absent chunk {digest.hex()[:16]}")
                 if repair:
@@ -249,6 +334,8 @@ def _check(
             ch.decode(digest, stored, raw_len, store.chunk_hash)
         except Corrupt as exc:
             rep.unfixable.append(str(exc))
+            if want:
+                rep.damaged.append(_damage(digest, str(exc), raw_len))
             stored = b""
         if want == 0:
             problem(f"orphaned chunk {digest.hex()[:16]}")
@@ -287,6 +374,7 @@ def _check(
             raw_len = len(ch.decode(digest, stored, None, store.chunk_hash))
         except Corrupt as exc:
             rep.unfixable.append(str(exc))
+            rep.damaged.append(_damage(digest, str(exc), 0))
             continue
         seen.add(digest)
         problem(f"chunk {digest.hex()[:16]} has no reference record ({want} references)")
@@ -296,9 +384,12 @@ def _check(
         totals["unique_raw_bytes"] += raw_len
         totals["stored_bytes"] += len(stored)
         totals["referenced_raw_bytes"] += raw_len * want
+    known = {d.digest for d in rep.damaged}
     for digest in refs:
         if digest not in seen:
             rep.unfixable.append(f"{refs[digest]} references to missing chunk {digest.hex()[:16]}")
+            if digest not in known:
+                rep.damaged.append(_damage(digest, "its stored copy is missing", 0))
 
     # Layer holders and the release queue.
     holders: Counter[int] = Counter()

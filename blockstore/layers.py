@@ -152,6 +152,7 @@ class Databases:
         self.chunks = env.open_db(b"chunks")
         self.segments = env.open_db(b"segments")
         self.chunkrefs = env.open_db(b"chunkrefs")
+        self.damaged = env.open_db(b"damaged")  # see chunks.py
         self.volumes = env.open_db(b"volumes")
         self.vstate = env.open_db(b"vstate")
         self.snapshots = env.open_db(b"snapshots")

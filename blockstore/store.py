@@ -145,6 +145,8 @@ class _Txn:
         self._freed: list[tuple[int, int, int]] = []
         self._dead: list[int] = []
         self._room: int | None = None  # what appends may still use (free minus reserve)
+        self._healed: set[bytes] = set()  # chunks whose damaged copy this transaction replaced
+        self._marked: list[bytes] = []  # damage found by reads, marked by this transaction
 
     # -- chunk bytes in segment files ---------------------------------------
     def _segment(self, seg: int) -> list[int]:
@@ -206,6 +208,8 @@ class _Txn:
         self.store.segments.sync(self._written)
 
     def after_commit(self, txnid: int) -> None:
+        for digest in (*self._marked, *self._healed):
+            self.store.damage_found.pop(digest, None)
         if self._freed or self._dead:
             self.store.segments.release(self._freed, self._dead, txnid)
 
@@ -215,6 +219,8 @@ class _Txn:
         raw = txn.get(prep.digest, db=dbs.chunkrefs)
         if raw is not None:
             count, raw_len, stored = ch.unpack_refs(raw)
+            if prep.digest not in self._healed and not self._copy_is_sound(prep):
+                stored = self._replace_copy(prep, stored)
             txn.put(prep.digest, ch.pack_refs(count + 1, raw_len, stored), db=dbs.chunkrefs)
         else:
             record = bytes((prep.codec,)) + prep.payload
@@ -225,6 +231,45 @@ class _Txn:
             self.deltas["unique_raw_bytes"] += prep.raw_length
             self.deltas["stored_bytes"] += stored
         self.deltas["referenced_raw_bytes"] += prep.raw_length
+
+    def _copy_is_sound(self, prep: ch.PreparedChunk) -> bool:
+        txn, dbs, store = self.txn, self.dbs, self.store
+        marked = (
+            prep.digest in store.damage_found or txn.get(prep.digest, db=dbs.damaged) is not None
+        )
+        location = txn.get(prep.digest, db=dbs.chunks)
+        return ch.copy_is_sound(prep, location, store.segments.read, store.chunk_hash, marked)
+
+    def _replace_copy(self, prep: ch.PreparedChunk, stored: int) -> int:
+        """Store ``prep`` over a damaged or missing copy of its chunk; the new stored length."""
+        txn, dbs = self.txn, self.dbs
+        old = txn.get(prep.digest, db=dbs.chunks)
+        if old is not None:
+            self.free(bytes(old))
+        record = ch.record_of(prep)
+        txn.put(prep.digest, self.append(record), db=dbs.chunks)
+        txn.delete(prep.digest, db=dbs.damaged)
+        self._healed.add(prep.digest)
+        self.deltas["stored_bytes"] += len(record) - stored
+        log.warning("event=chunk_healed digest=%s", prep.digest.hex()[:16])
+        return len(record)
+
+    def persist_damage(self) -> None:
+        """Mark the chunks this process found damaged (see ``Store.damage_found``)."""
+        txn, dbs, store = self.txn, self.dbs, self.store
+        for digest, why in list(store.damage_found.items()):
+            self._marked.append(digest)  # forgotten after the commit, marked or not
+            refs = txn.get(digest, db=dbs.chunkrefs)
+            location = txn.get(digest, db=dbs.chunks)
+            if digest in self._healed or refs is None or location is None:
+                continue
+            if txn.get(digest, db=dbs.damaged) is None:
+                # Another process may have healed it since: look again before marking.
+                if ch.record_is_sound(
+                    digest, ch.unpack_refs(refs)[1], location, store.segments.read, store.chunk_hash
+                ):
+                    continue
+                txn.put(digest, why.encode(), db=dbs.damaged)
 
     def ref_existing(self, ref: ChunkRef) -> None:
         raw = self.txn.get(ref.digest, db=self.dbs.chunkrefs)
@@ -248,6 +293,7 @@ class _Txn:
             if location is not None:
                 self.free(location)
                 txn.delete(digest, db=dbs.chunks)
+            txn.delete(digest, db=dbs.damaged)
             self.deltas["chunk_count"] -= 1
             self.deltas["unique_raw_bytes"] -= raw_len
             self.deltas["stored_bytes"] -= stored
@@ -324,6 +370,9 @@ class Store:
         self.dbs = ly.Databases(self.env)
         self.lineages = ly.LineageCache()
         self.segments = SegmentFiles(self.path, self._oldest_reader)
+        # Chunks this process found damaged on read (digest -> why): the next put of
+        # one rewrites it, and the next write transaction marks it (``damaged``).
+        self.damage_found: dict[bytes, str] = {}
         try:
             self._settings(compression_level, chunk_hash)
             if reserve is not None:
@@ -397,6 +446,8 @@ class Store:
         t = _Txn(self, txn)
         try:
             yield t
+            if self.damage_found:
+                t.persist_damage()
             t.commit_counters()
             t.finish_segments()
             txnid = txn.id()  # readers older than this may still see what it freed
@@ -748,7 +799,15 @@ class Store:
         if location is None:
             # An entry names a chunk that is gone: the store is damaged (fsck says so).
             raise Corrupt(f"chunk {ref.digest.hex()[:16]} is missing")
-        return ch.decode(ref.digest, self.segments.read(location), ref.raw_length, self.chunk_hash)
+        return self._decode(ref, self.segments.read(location))
+
+    def _decode(self, ref: ChunkRef, record: bytes | memoryview) -> bytes:
+        try:
+            return ch.decode(ref.digest, record, ref.raw_length, self.chunk_hash)
+        except Corrupt as exc:
+            self.damage_found[ref.digest] = str(exc)
+            log.warning("event=chunk_damaged digest=%s error=%s", ref.digest.hex()[:16], exc)
+            raise
 
     def _read_chunks(self, txn: lmdb.Transaction, refs: list[ChunkRef]) -> list[bytes]:
         """``read_chunk`` of several chunks in ``txn``; neighbours on disk are read together."""
@@ -760,7 +819,7 @@ class Store:
             locations.append(location)
         return self.segments.read_many(
             locations,
-            lambda i, rec: ch.decode(refs[i].digest, rec, refs[i].raw_length, self.chunk_hash),
+            lambda i, rec: self._decode(refs[i], rec),
         )
 
     def locate_chunk(self, digest: bytes) -> tuple[Path, int, int]:

@@ -4,7 +4,8 @@ Commands (``fusedrive COMMAND --help`` for each):
 
     volume create|list|delete|expand     snapshot create|list|delete
     clone SOURCE NAME                    mount NAME MOUNTPOINT     umount MOUNTPOINT
-    gc                                   fsck [--repair]           stats
+    gc                                   fsck [--repair] [--zero-damaged]
+    stats
 
 The store is ``--store DIR``, else ``$FUSEDRIVE_STORE``, else ``/var/lib/fusedrive``
 for root and ``$XDG_DATA_HOME/fusedrive`` (``~/.local/share/fusedrive``) otherwise.
@@ -77,6 +78,7 @@ from blockstore import (
     VolumeInfo,
     fsck,
 )
+from blockstore.fsck import DamagedChunk
 
 from . import parameters
 from .daemon import (
@@ -94,6 +96,8 @@ from .daemon import (
     spawn,
     unmount,
 )
+from .fsck import DamagedRange, zero_damaged
+from .fsck import locate as locate_damage
 from .units import SizeError, format_size, parse_size
 
 log = logging.getLogger(__name__)
@@ -539,13 +543,25 @@ def cmd_gc(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace, out: Output) -> int:
-    with _open_store(args) as store, out.progress("checking") as update:
-        report = fsck(
-            store,
-            repair=args.repair,
-            progress=lambda phase, done, total: update(done, total, f"checking {phase}"),
-        )
-    remaining = report.unfixable if args.repair else report.problems + report.unfixable
+    repair = args.repair or args.zero_damaged
+    zeroed: list[DamagedRange] = []
+    skipped: list[tuple[DamagedRange, str]] = []
+    with _open_store(args) as store:
+        with out.progress("checking") as update:
+            report = fsck(
+                store,
+                repair=repair,
+                progress=lambda phase, done, total: update(done, total, f"checking {phase}"),
+            )
+        ranges = locate_damage(store, report)
+        if args.zero_damaged and ranges:
+            mounted = set(mounted_names(store.path, KIND_VOLUME))
+            zeroed, skipped = zero_damaged(store, ranges, mounted)
+            if zeroed:
+                store.gc()  # the damaged chunks nothing sees any more go now
+                report = fsck(store)  # what remains after zeroing
+                ranges = locate_damage(store, report)
+    remaining = report.unfixable if repair else report.problems + report.unfixable
     if out.json:
         out.data(
             {
@@ -557,23 +573,77 @@ def cmd_fsck(args: argparse.Namespace, out: Output) -> int:
                 "unfixable": report.unfixable,
                 "repaired": report.repaired,
                 "problems_remaining": len(remaining),
+                "damaged": [_damage_json(d, ranges) for d in report.damaged],
+                "marked": report.marked,
+                "zeroed": [_range_json(r) for r in zeroed],
+                "not_zeroed": [{**_range_json(r), "reason": why} for r, why in skipped],
             }
         )
+        return EXIT_CORRUPT if remaining else EXIT_OK
+    out.say(f"checked {report.entries} entries, {report.chunks} chunks, {report.layers} layers")
+    for p in report.problems:
+        out.say(f"{'repaired' if repair else 'problem'}: {p}")
+    for p in report.unfixable:
+        out.say(f"unfixable: {p}")
+    for r in zeroed:
+        out.say(f"zeroed (now a hole): {r.where()}")
+    for r, why in skipped:
+        out.say(f"not zeroed ({why}): {r.where()}")
+    for d in report.damaged:
+        mark = ", marked: the next write of these bytes rewrites it" if d.marked else ""
+        out.say(f"damaged chunk {d.digest.hex()[:16]} ({d.why}{mark}) reaches:")
+        mine = [r for r in ranges if r.digest == d.digest]
+        for r in mine:
+            out.say(f"  {r.where()}")
+        if not mine:
+            out.say("  nothing a volume or snapshot reads (space only)")
+    if report.marked:
+        out.say(
+            f"marked {_count(report.marked, 'damaged chunk')}: the next write of the same "
+            "bytes rewrites it; no file data was changed"
+        )
+    if report.clean:
+        out.say("clean")
+    elif not remaining:
+        out.say(f"repaired {_count(report.repaired, 'problem')}; the store is consistent")
+    elif not repair and not report.unfixable:
+        out.say(f"{_count(len(remaining), 'problem')}; `fusedrive fsck --repair` fixes them")
     else:
-        out.say(f"checked {report.entries} entries, {report.chunks} chunks, {report.layers} layers")
-        for p in report.problems:
-            out.say(f"{'repaired' if args.repair else 'problem'}: {p}")
-        for p in report.unfixable:
-            out.say(f"unfixable: {p}")
-        if report.clean:
-            out.say("clean")
-        elif not remaining:
-            out.say(f"repaired {_count(report.repaired, 'problem')}; the store is consistent")
-        elif not args.repair and not report.unfixable:
-            out.say(f"{_count(len(remaining), 'problem')}; `fusedrive fsck --repair` fixes them")
-        else:
-            out.say(f"{_count(len(remaining), 'problem')} remaining")
+        out.say(f"{_count(len(remaining), 'problem')} remaining")
+    if report.damaged:
+        zero = (
+            "delete the snapshots that still hold damage, or unmount the volumes and run "
+            "`fusedrive fsck --zero-damaged` again"
+            if args.zero_damaged
+            else "`fusedrive fsck --zero-damaged` replaces the damaged ranges of unmounted "
+            "volumes by holes (the bytes are lost; snapshots are never changed)"
+        )
+        out.say(
+            f"{_count(len(report.damaged), 'damaged chunk')}: reads of the ranges above fail "
+            f"with EIO. Writing the same bytes again (from a backup) heals every copy; {zero}."
+        )
     return EXIT_CORRUPT if remaining else EXIT_OK
+
+
+def _range_json(r: DamagedRange) -> dict[str, Any]:
+    return {
+        "kind": r.kind,
+        "name": r.name,
+        "key": r.key.hex(),
+        "ino": r.ino,
+        "paths": list(r.paths),
+        "start": r.start if r.ino is not None else None,
+        "end": r.end if r.ino is not None else None,
+    }
+
+
+def _damage_json(d: DamagedChunk, ranges: list[DamagedRange]) -> dict[str, Any]:
+    return {
+        "digest": d.digest.hex(),
+        "why": d.why,
+        "marked": d.marked,
+        "ranges": [_range_json(r) for r in ranges if r.digest == d.digest],
+    }
 
 
 def cmd_stats(args: argparse.Namespace, out: Output) -> int:
@@ -954,7 +1024,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repair",
         action="store_true",
-        help="fix what can be fixed (holds the store's write lock while it runs)",
+        help="fix what can be fixed and mark damaged chunks, so that writing the same bytes "
+        "again rewrites them (holds the store's write lock while it runs)",
+    )
+    p.add_argument(
+        "--zero-damaged",
+        action="store_true",
+        help="implies --repair; also replace the damaged ranges of unmounted volumes by holes and "
+        "list the files changed (their damaged bytes are lost; snapshots are not changed)",
     )
     p = leaf(cmds, "stats", "space, dedup and compression ratios, usage per volume", cmd_stats)
     p.add_argument(
