@@ -3,7 +3,9 @@
     fusedrive-csi serve --endpoint unix:///csi/csi.sock --node-id NODE --store DIR
     fusedrive-csi call CreateVolume --name v1 --size 1GiB [--endpoint ...]
     fusedrive-csi call NodeStageVolume --json '{"volume_id": "v1", ...}'
+    fusedrive-csi mounter --socket /run/fusedrive-mounter/mounter.sock --store DIR
 
+``mounter`` runs the long-lived owner of the FUSE daemons (``mounter.py``).
 ``serve`` is also the default when the first argument is an option, so
 ``fusedrive-csi --endpoint ... --node-id ...`` works as a container entrypoint.
 ``call`` prints the response as JSON; on failure it prints the status code and
@@ -31,6 +33,7 @@ examples:
   fusedrive-csi serve --endpoint unix:///csi/csi.sock --node-id NODE --store DIR
   fusedrive-csi call CreateVolume --name v1 --size 1GiB
   fusedrive-csi call NodeStageVolume --json '{"volume_id": "v1", ...}'
+  fusedrive-csi mounter --socket /run/fusedrive-mounter/mounter.sock --store DIR
 
 serve is also the default when the first argument is an option, so
 `fusedrive-csi --endpoint ... --node-id ...` works as a container entrypoint.
@@ -163,6 +166,67 @@ def _call_parser(sub: Any) -> None:
     )
 
 
+def _mounter_parser(sub: Any) -> None:
+    from .mounter import DEFAULT_SOCKET
+
+    p = sub.add_parser(
+        "mounter",
+        help="run the mounter, the long-lived owner of this node's FUSE daemons",
+        description="Run the mounter: it starts, stops and watches the FUSE daemons of "
+        "staged volumes for the plugin, over a unix socket, so that they outlive the "
+        "plugin's container (docs/restart.md).",
+        formatter_class=_Help,
+    )
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=os.environ.get("FUSEDRIVE_MOUNTER_SOCKET", DEFAULT_SOCKET),
+        help="the unix socket to serve on (default: $FUSEDRIVE_MOUNTER_SOCKET, else %(default)s)",
+    )
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        default=os.environ.get("FUSEDRIVE_STORE", "/var/lib/fusedrive"),
+        help="the store directory (default: $FUSEDRIVE_STORE, else %(default)s)",
+    )
+    p.add_argument(
+        "--allowed-path-prefix",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="mount only below DIR (repeatable; default: anywhere)",
+    )
+    p.add_argument(
+        "--leave-daemons",
+        action="store_true",
+        help="on SIGTERM leave the daemons running, for a successor to adopt (default: "
+        "stop each cleanly; in a container they would be killed anyway)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="(default: %(default)s)",
+    )
+
+
+def mounter(a: argparse.Namespace) -> int:
+    from .mounter import MounterConfig, MounterError, serve
+
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = MounterConfig(
+        store_path=Path(a.store),
+        socket_path=Path(a.socket),
+        allowed_prefixes=[os.path.normpath(p) for p in a.allowed_path_prefix],
+        leave_daemons=a.leave_daemons,
+    )
+    try:
+        return serve(config)
+    except (MounterError, OSError) as exc:
+        print(f"fusedrive-csi: error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_request(method: str, a: argparse.Namespace) -> dict[str, Any]:
     from fusedrive.units import parse_size
 
@@ -261,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _serve_parser(sub)
     _call_parser(sub)
+    _mounter_parser(sub)
     return parser
 
 
@@ -269,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
     a = build_parser().parse_args(argv)
+    if a.command == "mounter":
+        return mounter(a)
     return serve(a) if a.command == "serve" else call(a)
 
 

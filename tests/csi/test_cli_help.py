@@ -18,7 +18,9 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     raise AssertionError("no subcommands")
 
 
-@pytest.mark.parametrize("argv", [[], ["serve"], ["call"]], ids=["top", "serve", "call"])
+@pytest.mark.parametrize(
+    "argv", [[], ["serve"], ["call"], ["mounter"]], ids=["top", "serve", "call", "mounter"]
+)
 def test_help_of_the_real_command_has_no_markup(argv: list[str]) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "csi_frontend.cli", *argv, "--help"],
@@ -31,7 +33,7 @@ def test_help_of_the_real_command_has_no_markup(argv: list[str]) -> None:
     assert "``" not in res.stdout and "None" not in res.stdout
 
 
-@pytest.mark.parametrize("command", ["serve", "call"])
+@pytest.mark.parametrize("command", ["serve", "call", "mounter"])
 def test_every_option_has_help_stating_its_default(command: str) -> None:
     sub = _subparsers(build_parser())[command]
     for group in sub._action_groups:
