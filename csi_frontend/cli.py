@@ -197,6 +197,12 @@ def _mounter_parser(sub: Any) -> None:
         help="mount only below DIR (repeatable; default: anywhere)",
     )
     p.add_argument(
+        "--list",
+        action="store_true",
+        help="do not serve: print the live daemons of the mounter on --socket as JSON "
+        "and exit (default: serve)",
+    )
+    p.add_argument(
         "--leave-daemons",
         action="store_true",
         help="on SIGTERM leave the daemons running, for a successor to adopt (default: "
@@ -211,8 +217,18 @@ def _mounter_parser(sub: Any) -> None:
 
 
 def mounter(a: argparse.Namespace) -> int:
-    from .mounter import MounterConfig, MounterError, serve
+    from dataclasses import asdict
 
+    from .mounter import MounterClient, MounterConfig, MounterError, serve
+
+    if a.list:
+        try:
+            daemons = MounterClient(a.socket, timeout=30).daemons()
+        except MounterError as exc:
+            print(f"fusedrive-csi: error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps([asdict(d) for d in daemons], indent=2))
+        return 0
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = MounterConfig(
         store_path=Path(a.store),

@@ -31,6 +31,7 @@ from tests.nsutil import NsProcess, SharedDir, mounts_below, process_starttime, 
 pytestmark = pytest.mark.needs_fuse
 
 MiB = 1 << 20
+MOUNTER_CMD = [sys.executable, "-m", "csi_frontend.cli", "mounter"]
 
 
 class MounterEnv:
@@ -151,6 +152,24 @@ def test_start_is_idempotent_and_stop_stores_the_data(env: MounterEnv) -> None:
         c.start("v1", p1, read_only=True)
     assert ro.value.code == "busy"
     assert [d.path for d in c.daemons()] == [p1]
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "csi_frontend.cli",
+            "mounter",
+            "--socket",
+            str(env.socket),
+            "--list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [(d["volume"], d["path"], d["pid"]) for d in json.loads(listed.stdout)] == [
+        ("v1", p1, info.pid)
+    ]
 
     c.stop(p1)
     assert fuse_dev(p1) is None and c.daemons() == []
@@ -340,3 +359,11 @@ def test_a_second_mounter_on_the_same_socket_is_refused(env: MounterEnv) -> None
     assert res.returncode == 1
     assert "already answers" in res.stderr and "Traceback" not in res.stderr
     assert env.client().status()["daemons"] == 0
+    nobody = subprocess.run(
+        [*MOUNTER_CMD, "--list", "--socket", str(env.base / "none.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert nobody.returncode == 1 and "does not answer" in nobody.stderr
+    assert "Traceback" not in nobody.stderr
