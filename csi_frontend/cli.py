@@ -81,6 +81,14 @@ def _serve_parser(sub: Any) -> None:
         help="the node's state directory (default: the store's path with -node appended)",
     )
     p.add_argument(
+        "--mounter-socket",
+        metavar="PATH",
+        default=os.environ.get("FUSEDRIVE_MOUNTER_SOCKET", ""),
+        help="the socket of the mounter that owns the FUSE daemons (`fusedrive-csi "
+        "mounter`, docs/restart.md) (default: $FUSEDRIVE_MOUNTER_SOCKET, else a mounter "
+        "inside the plugin process, whose daemons do not outlive a container restart)",
+    )
+    p.add_argument(
         "--driver-name",
         metavar="NAME",
         default=None,
@@ -317,6 +325,7 @@ def serve(a: argparse.Namespace) -> int:
         store_path=store,
         state_path=Path(a.state_dir) if a.state_dir else store.with_name(store.name + "-node"),
         driver_name=a.driver_name or DEFAULT_DRIVER_NAME,
+        mounter_socket=a.mounter_socket,
         max_volumes_per_node=a.max_volumes_per_node,
     )
     if len(config.driver_name) > 63:

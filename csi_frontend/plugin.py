@@ -37,6 +37,8 @@ class Config:
     store_path: Path
     state_path: Path
     driver_name: str = DEFAULT_DRIVER_NAME
+    # The mounter owning the FUSE daemons ('': one inside this process; docs/restart.md).
+    mounter_socket: str = ""
     max_volumes_per_node: int = 0
     default_capacity: int = 1 << 30
     fusedrive_command: list[str] = field(default_factory=list)

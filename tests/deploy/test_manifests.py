@@ -200,6 +200,10 @@ def node_daemonset(rel: str) -> dict[str, Any]:
     return only(render(rel), "DaemonSet", "fusedrive-node")
 
 
+def mounter_daemonset(rel: str) -> dict[str, Any]:
+    return only(render(rel), "DaemonSet", "fusedrive-mounter")
+
+
 # -- schema validation -------------------------------------------------------------
 
 K8S_VERSION = kv_utils.latest_version()
@@ -281,7 +285,7 @@ def test_renders_and_validates(rel: str) -> None:
 
 
 def test_strict_validation_catches_a_misspelt_field() -> None:
-    ds = only(render("kubernetes"), "DaemonSet")
+    ds = node_daemonset("kubernetes")
     validate(ds)
     pod_spec(ds)["containers"][0]["imagePullPolcy"] = "Always"
     with pytest.raises(AssertionError, match="imagePullPolcy"):
@@ -467,7 +471,7 @@ def _field_ref(value: Any) -> str | None:
 
 
 def test_sidecars_run_in_distributed_mode() -> None:
-    spec = pod_spec(only(render("kubernetes"), "DaemonSet"))
+    spec = pod_spec(node_daemonset("kubernetes"))
     prov = container(spec, "csi-provisioner")
     pf = flags(prov)
     assert pf["node-deployment"] == "true"
@@ -492,7 +496,7 @@ def test_sidecars_run_in_distributed_mode() -> None:
 
 
 def test_probes_are_wired() -> None:
-    spec = pod_spec(only(render("kubernetes"), "DaemonSet"))
+    spec = pod_spec(node_daemonset("kubernetes"))
     plugin = container(spec, PLUGIN_CONTAINER)
     lp = flags(container(spec, "liveness-probe"))
     ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
@@ -603,7 +607,7 @@ def test_examples_show_what_the_guide_promises() -> None:
 
 def test_rbac_is_bound_and_least_privilege() -> None:
     objs = render("kubernetes")
-    ds = only(objs, "DaemonSet")
+    ds = only(objs, "DaemonSet", "fusedrive-node")
     sa = only(objs, "ServiceAccount")
     assert pod_spec(ds)["serviceAccountName"] == sa["metadata"]["name"]
     roles = {(o["kind"], o["metadata"]["name"]): o for o in objs if o["kind"].endswith("Role")}
@@ -651,11 +655,12 @@ def test_rbac_is_bound_and_least_privilege() -> None:
     ]
 
 
-def test_microk8s_overlay_moves_every_kubelet_path() -> None:
-    ds = only(render("overlays/microk8s"), "DaemonSet")
+@pytest.mark.parametrize(("name", "least"), [("fusedrive-node", 5), ("fusedrive-mounter", 3)])
+def test_microk8s_overlay_moves_every_kubelet_path(name: str, least: int) -> None:
+    ds = only(render("overlays/microk8s"), "DaemonSet", name)
     texts = [v for _, v in walk(ds) if isinstance(v, str)]
     kubelet_paths = [t for t in texts if "/lib/kubelet" in t]
-    assert len(kubelet_paths) >= 5
+    assert len(kubelet_paths) >= least
     for text in kubelet_paths:
         path = text.partition("=")[2] or text
         assert path.startswith(MICROK8S_KUBELET), f"left behind: {text}"
@@ -731,3 +736,79 @@ def test_readme_names_only_paths_that_exist() -> None:
     assert "deploy/Dockerfile" in paths and "deploy/kubernetes" in paths
     for p in paths:
         assert (ROOT / p).exists(), f"deploy/README.md names {p}, which does not exist"
+
+
+# -- the mounter (docs/restart.md) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("rel", NODE_VARIANTS)
+def test_mounter_agrees_with_the_plugin(rel: str) -> None:
+    """Its own DaemonSet, the socket the plugin dials, the paths the plugin stages in."""
+    nspec = pod_spec(node_daemonset(rel))
+    mds = mounter_daemonset(rel)
+    mspec = pod_spec(mds)
+    plugin = container(nspec, PLUGIN_CONTAINER)
+    [mounter] = mspec["containers"]
+    mflags, pflags = flags(mounter), flags(plugin)
+    assert mounter["command"] == ["fusedrive-csi", "mounter"]
+    assert mounter["image"] == plugin["image"]
+    assert mounter["securityContext"]["privileged"] is True
+
+    # One PID namespace for every process that opens the store (LMDB keys on PIDs).
+    assert nspec["hostPID"] is True and mspec["hostPID"] is True
+
+    # The socket: the same host directory in both pods, the same file.
+    sock = mflags["socket"]
+    assert sock is not None and pflags["mounter-socket"] == sock
+    sock_dir = os.path.dirname(sock)
+    for spec, c in ((mspec, mounter), (nspec, plugin)):
+        assert mount_of(spec, c, "mounter-dir")["mountPath"] == sock_dir
+        assert host_path(spec, "mounter-dir") == sock_dir
+
+    # It mounts where kubelet and the plugin look, and its mounts reach the host.
+    kubelet = host_path(nspec, "kubelet-dir")
+    assert host_path(mspec, "kubelet-dir") == kubelet
+    assert mount_of(mspec, mounter, "kubelet-dir")["mountPath"] == kubelet
+    state = pflags["state-dir"]
+    assert host_path(mspec, "state-dir") == state
+    assert mount_of(mspec, mounter, "state-dir")["mountPath"] == state
+    for vol in ("kubelet-dir", "state-dir"):
+        assert mount_of(mspec, mounter, vol).get("mountPropagation") == "Bidirectional"
+    prefixes = [a.partition("=")[2] for a in mounter["args"] if "allowed-path-prefix" in a]
+    assert sorted(prefixes) == sorted([kubelet, state])
+
+    # The same store and mount records as the plugin's.
+    menv = env(mounter)
+    assert mflags["store"] == pflags["store"] == menv["FUSEDRIVE_STORE"]
+    assert host_path(mspec, "store-dir") == host_path(nspec, "store-dir")
+    assert menv["FUSEDRIVE_RUNTIME_DIR"] == env(plugin)["FUSEDRIVE_RUNTIME_DIR"]
+    assert host_path(mspec, "runtime-dir") == host_path(nspec, "runtime-dir")
+    assert mount_of(mspec, mounter, "dev-dir")["mountPath"] == "/dev"
+
+    # Its flags exist and parse (--help last: parse, then stop).
+    script = Path(sys.executable).with_name("fusedrive-csi")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "csi_frontend.cli"]
+    proc = subprocess.run(
+        [*cmd, "mounter", *mounter["args"], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, f"the mounter rejects {mounter['args']}: {proc.stderr}"
+
+
+def test_only_the_plugin_restarts_by_itself() -> None:
+    """A restart of the mounter ends every volume; one of the plugin costs them nothing."""
+    mds = mounter_daemonset("kubernetes")
+    [mounter] = pod_spec(mds)["containers"]
+    assert mds["spec"]["updateStrategy"]["type"] == "OnDelete"
+    assert "livenessProbe" not in mounter
+    assert mounter["resources"]["requests"] and mounter["resources"]["limits"]["memory"]
+    assert "cpu" not in mounter["resources"]["limits"]
+
+    nds = node_daemonset("kubernetes")
+    assert nds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    probe = container(pod_spec(nds), PLUGIN_CONTAINER)["livenessProbe"]
+    # A sidecar that is slow or briefly gone does not restart the plugin at once.
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
