@@ -21,6 +21,8 @@ from blockstore import (
     StoreError,
 )
 
+from .mounter import MounterError
+
 # Most specific first: OutOfRange is an InvalidArgument.
 STORE_CODES: tuple[tuple[type[StoreError], grpc.StatusCode], ...] = (
     (OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
@@ -32,6 +34,17 @@ STORE_CODES: tuple[tuple[type[StoreError], grpc.StatusCode], ...] = (
     (ReadOnly, grpc.StatusCode.FAILED_PRECONDITION),
     (Corrupt, grpc.StatusCode.DATA_LOSS),
 )
+
+
+# What the mounter's answer codes (csi_frontend/mounter.py) become.
+MOUNTER_CODES: dict[str, grpc.StatusCode] = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "busy": grpc.StatusCode.FAILED_PRECONDITION,
+    "no_space": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "failed": grpc.StatusCode.INTERNAL,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
 
 
 class CsiError(Exception):
@@ -48,6 +61,8 @@ def invalid(message: str) -> CsiError:
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, CsiError):
         return exc.code, exc.message
+    if isinstance(exc, MounterError):
+        return MOUNTER_CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message
     for kind, code in STORE_CODES:
         if isinstance(exc, kind):
             return code, str(exc)

@@ -762,3 +762,118 @@ class MounterWatch:
                     with contextlib.suppress(Exception):
                         self.on_lost()
             self._stop.wait(self.retry)
+
+
+class DaemonDeaths:
+    """The plugin's watch of the daemons it relies on, fed by the mounter's event stream.
+
+    ``watch(volume, pid)`` says the plugin relies on daemon ``pid`` for ``volume``;
+    ``on_death(volume, pid)`` is called (from the watch thread) once when it dies: on
+    a ``died`` event, or when a ``hello`` (after any reconnection, e.g. a restarted
+    mounter) does not list it any more. ``unwatch`` before a deliberate stop. A death
+    seen before ``watch`` was called makes ``watch`` return False.
+    """
+
+    def __init__(
+        self,
+        client: MounterClient,
+        on_death: Callable[[str, int], None],
+        on_hello: Callable[[list[DaemonInfo]], None] | None = None,
+    ) -> None:
+        self._on_death = on_death
+        self._on_hello = on_hello
+        self._lock = threading.Lock()
+        self._expect: dict[str, int] = {}  # volume -> pid
+        self._dead: dict[tuple[str, int], float] = {}  # recent deaths, for watch()'s race
+        self.stream = MounterWatch(client, self._hello, self._event)
+
+    def start(self) -> None:
+        self.stream.start()
+
+    def stop(self) -> None:
+        self.stream.stop()
+
+    def watch(self, volume: str, pid: int, starttime: int = 0) -> bool:
+        with self._lock:
+            if (volume, pid) in self._dead:
+                return False
+            self._expect[volume] = pid
+        return True
+
+    def unwatch(self, volume: str) -> None:
+        with self._lock:
+            self._expect.pop(volume, None)
+
+    def pid_of(self, volume: str) -> int | None:
+        with self._lock:
+            return self._expect.get(volume)
+
+    def _remember(self, volume: str, pid: int) -> None:
+        now = time.monotonic()
+        self._dead[(volume, pid)] = now
+        for key, at in list(self._dead.items()):
+            if now - at > 600:
+                del self._dead[key]
+
+    def _event(self, ev: dict[str, Any]) -> None:
+        if ev.get("event") != "died":
+            return
+        d = ev.get("daemon") or {}
+        volume, pid = str(d.get("volume", "")), int(d.get("pid", 0))
+        with self._lock:
+            self._remember(volume, pid)
+            mine = self._expect.get(volume) == pid
+            if mine:
+                del self._expect[volume]
+        if mine:
+            self._on_death(volume, pid)
+
+    def _hello(self, daemons: list[DaemonInfo]) -> None:
+        live = {(d.volume, d.pid) for d in daemons}
+        with self._lock:
+            gone = [(v, p) for v, p in self._expect.items() if (v, p) not in live]
+            for v, p in gone:
+                del self._expect[v]
+                self._remember(v, p)
+        for v, p in gone:
+            self._on_death(v, p)
+        if self._on_hello is not None:
+            self._on_hello(daemons)
+
+
+class EmbeddedMounter:
+    """A mounter inside the calling process, on its own socket thread.
+
+    For a plugin run without ``--mounter-socket`` (by hand, tests): the same protocol
+    and code, but the daemons are in the plugin's process tree, so a container
+    restart ends them. ``close`` leaves them running; the next mounter adopts them.
+    """
+
+    def __init__(self, config: MounterConfig) -> None:
+        self.config = config
+        self.mounter = Mounter(config)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        _claim_socket(self.config.socket_path)
+        self.mounter.start()
+        self._server = _Server(str(self.config.socket_path), self.mounter)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="mounter-socket", daemon=True
+        )
+        self._thread.start()
+        log.info(
+            "event=embedded_mounter socket=%s daemons=%d",
+            self.config.socket_path,
+            len(self.mounter.daemons()),
+        )
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
+        self.mounter.close()

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from blockstore import Store
-from csi_frontend.mounter import DaemonInfo, MounterClient, MounterError
+from csi_frontend.mounter import DaemonDeaths, DaemonInfo, MounterClient, MounterError
 from tests.nsutil import NsProcess, SharedDir, mounts_below, process_starttime, wait_gone
 
 pytestmark = pytest.mark.needs_fuse
@@ -367,3 +367,53 @@ def test_a_second_mounter_on_the_same_socket_is_refused(env: MounterEnv) -> None
     )
     assert nobody.returncode == 1 and "does not answer" in nobody.stderr
     assert "Traceback" not in nobody.stderr
+
+
+def test_daemon_deaths_are_told_once_whether_seen_live_or_after_a_reconnection(
+    env: MounterEnv,
+) -> None:
+    """The plugin's side: a death event, or a mounter that came back without the daemon."""
+    mounter = env.start_mounter()
+    c = env.client()
+    p1, p2 = env.path("a"), env.path("b")
+    d1, _ = c.start("v1", p1)
+    d2, _ = c.start("v2", p2)
+    told: list[tuple[str, int]] = []
+    hellos: list[list[str]] = []
+    cond = threading.Condition()
+
+    def on_death(volume: str, pid: int) -> None:
+        with cond:
+            told.append((volume, pid))
+            cond.notify_all()
+
+    def on_hello(daemons: list[DaemonInfo]) -> None:
+        with cond:
+            hellos.append([d.volume for d in daemons])
+            cond.notify_all()
+
+    deaths = DaemonDeaths(MounterClient(env.socket), on_death, on_hello)
+    deaths.stream.retry = 0.2
+    assert deaths.watch("v1", d1.pid) and deaths.watch("v2", d2.pid)
+    deaths.start()
+    try:
+        with cond:
+            assert cond.wait_for(lambda: hellos == [["v1", "v2"]], timeout=60), hellos
+        victim = mounter.host_pid(d1.pid)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        with cond:
+            assert cond.wait_for(lambda: told == [("v1", d1.pid)], timeout=60), told
+        assert deaths.pid_of("v1") is None and deaths.pid_of("v2") == d2.pid
+        # A death seen before the plugin says it relies on the daemon is not missed.
+        assert not deaths.watch("v1", d1.pid)
+        # The mounter goes (its daemons with it) and a new one comes without them.
+        mounter.kill()
+        subprocess.run(["umount", "--lazy", p1], capture_output=True)
+        subprocess.run(["umount", "--lazy", p2], capture_output=True)
+        env.start_mounter()
+        with cond:
+            assert cond.wait_for(lambda: len(hellos) == 2, timeout=60), hellos
+            assert hellos[1] == [] and told == [("v1", d1.pid), ("v2", d2.pid)]
+    finally:
+        deaths.stop()
