@@ -437,7 +437,8 @@ def lvm_thin_status() -> str:
     try:
         targets = sh("dmsetup", "targets")
     except (RuntimeError, OSError) as exc:
-        return f"not measured: dmsetup targets failed: {exc}"
+        first = str(exc).split(": ", 1)[-1].splitlines()[0]
+        return f"not measured: the kernel has no usable device-mapper driver ({first})"
     if "thin-pool" not in targets:
         return "not measured: the kernel's device-mapper lacks the thin-pool target"
     return "not measured: LVM thin pools are not wired into this benchmark yet"
