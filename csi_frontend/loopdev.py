@@ -4,6 +4,9 @@ A block volume's FUSE mount holds one file, the disk image; the node attaches a
 loop device to it at stage time and bind-mounts the device node onto the
 publish target. The backing file is found again after a restart through
 ``losetup --json``, so attachments are never leaked or duplicated.
+
+Every ``losetup`` call ends its options with ``--`` or passes the device as an
+option's value (``--detach=/dev/loopN``), so no path is ever read as an option.
 """
 
 from __future__ import annotations
@@ -63,14 +66,14 @@ def attach(path: str | os.PathLike[str], read_only: bool = False) -> LoopDevice:
     args = ["--find", "--show"]
     if read_only:
         args.append("--read-only")
-    name = _losetup([*args, os.fspath(path)]).strip()
+    name = _losetup([*args, "--", os.fspath(path)]).strip()
     log.info("event=loop_attached device=%s file=%s ro=%s", name, path, read_only)
     return LoopDevice(name, os.path.realpath(os.fspath(path)), read_only)
 
 
 def detach(device: str) -> None:
     try:
-        _losetup(["--detach", device])
+        _losetup([f"--detach={device}"])
     except LoopError as exc:
         if "No such device" in str(exc) or "not a block device" in str(exc):
             return
@@ -80,7 +83,7 @@ def detach(device: str) -> None:
 
 def refresh_size(device: str) -> None:
     """Make the loop device see its backing file's new size (online expansion)."""
-    _losetup(["--set-capacity", device])
+    _losetup([f"--set-capacity={device}"])
 
 
 def size_bytes(device: str) -> int:

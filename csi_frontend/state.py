@@ -9,7 +9,11 @@ Record fields:
 - ``staging_path``: where the volume's FUSE mount lives ('' when not staged);
 - ``block``: whether it is a raw block volume (its loop device in ``loop_device``);
 - ``read_only``: the FUSE mount is read-only;
-- ``targets``: target path -> {"read_only": bool} for every publish;
+- ``staging_dev``: the device number (``major:minor`` in mountinfo) of the FUSE
+  mount we made at the staging path; a target bind of it shows the same number,
+  which is how ``ownership.py`` tells our binds from anything else;
+- ``targets``: target path -> {"read_only": bool, "created": bool} for every
+  publish; ``created`` says the plugin created the target (and may remove it);
 - ``ephemeral``: the volume was created at publish time and is deleted at unpublish.
 """
 
@@ -32,6 +36,7 @@ class VolumeRecord:
     block: bool = False
     read_only: bool = False
     loop_device: str = ""
+    staging_dev: str = ""
     targets: dict[str, dict[str, bool]] = field(default_factory=dict)
     ephemeral: bool = False
 

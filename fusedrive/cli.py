@@ -654,7 +654,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         )
         return EXIT_OK
     child = ["--store", str(store_path)] + ["-v"] * (getattr(args, "verbose", 0) or 0)
-    child += ["mount", "--foreground", args.name, str(target)]
+    child += ["mount", "--foreground"]
     if kind == KIND_SNAPSHOT:
         child.append("--snapshot")
     if read_only:
@@ -663,6 +663,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         child.append("--no-allow-other")
     if args.debug:
         child.append("--debug")
+    child += ["--", args.name, str(target)]  # a name may start with '-'
     try:
         pid, logfile = spawn(child, target, args.timeout)
     except DaemonFailed as exc:
