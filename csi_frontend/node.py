@@ -55,6 +55,7 @@ from .ownership import (
     occupied,
     present,
     remove_created,
+    retired_identity,
     staging_verdict,
     target_verdict,
 )
@@ -76,6 +77,7 @@ CAPABILITIES = (
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 IMAGE_NAME = "disk.img"
 HEAL_RETRY_SECONDS = 5.0
+MAX_RETIRED = 32  # identities of dead staging mounts remembered per volume
 OPEN_FILES_ADVICE = (
     "files held open across the daemon's death stay broken (ENOTCONN/EIO); "
     "restart the pod for full recovery"
@@ -235,6 +237,13 @@ class Node(csi_pb2_grpc.NodeServicer):
         if got.held is not Held.OURS:
             raise CsiError(grpc.StatusCode.INTERNAL, f"bind onto {target} went wrong: {got.why}")
 
+    def _unbind_ours(self, rec: VolumeRecord, target: str) -> None:
+        """Unmount our binds at ``target``, the live one and dead ones below it."""
+        while target_verdict(rec, target).held in (Held.OURS, Held.STALE):
+            self._unbind(target)
+        if mounts.is_mounted(target):
+            log.warning("event=foreign_mount_left target=%s", target)
+
     def _unbind(self, target: str) -> None:
         try:
             mounts.unmount(target)
@@ -381,10 +390,11 @@ class Node(csi_pb2_grpc.NodeServicer):
                 if there.held is Held.FOREIGN:
                     raise occupied(f"not publishing: {there.why}")
                 created = bool(existing.get("created"))
-                if not os.path.lexists(target):
-                    created = make_target(target, directory=not block)
-                else:
-                    check_free(target, "target_path", directory=not block)
+                if there.held is Held.NOTHING:  # (a STALE bind gets a fresh one over it)
+                    if not os.path.lexists(target):
+                        created = make_target(target, directory=not block)
+                    else:
+                        check_free(target, "target_path", directory=not block)
             else:
                 if rec.targets and cap.access_mode.mode == v.Mode.SINGLE_NODE_SINGLE_WRITER:
                     raise _failed(f"volume {vid!r} is already published at another target")
@@ -441,9 +451,8 @@ class Node(csi_pb2_grpc.NodeServicer):
             there = target_verdict(rec, target)
             if there.held is Held.FOREIGN:
                 raise occupied(f"not unpublishing: {there.why}")
-            if there.held is Held.OURS:
-                self._unbind(target)
-            if rec.targets[target].get("created"):
+            self._unbind_ours(rec, target)
+            if rec.targets[target].get("created") and not mounts.is_mounted(target):
                 remove_created(target)
             del rec.targets[target]
             self.plugin.state.put(rec)
@@ -623,10 +632,12 @@ class Node(csi_pb2_grpc.NodeServicer):
             raise occupied(f"cannot bring volume {rec.volume_id!r} back: {staged.why}")
         live = staged.held is Held.OURS and mounts.is_healthy(rec.staging_path)
         if not live:
-            for target in list(rec.targets):
-                there = target_verdict(rec, target)
-                if there.held is Held.OURS:
-                    self._unbind(target)
+            # The targets keep their dead binds until fresh ones are stacked over them,
+            # so a pod never sees (and writes into) the bare target directory.
+            if any(target_verdict(rec, t).held is Held.OURS for t in rec.targets):
+                ident = retired_identity(rec)
+                if ident not in rec.retired:
+                    rec.retired = [*rec.retired, ident][-MAX_RETIRED:]
             self._unmount_staging(rec)
             self._mount_staging(rec)
             self.plugin.state.put(rec)  # the new device number, before any bind uses it
@@ -644,12 +655,13 @@ class Node(csi_pb2_grpc.NodeServicer):
             if there.held is Held.FOREIGN:
                 problems.append(there.why)
                 continue
-            if not os.path.lexists(target):
+            if there.held is Held.NOTHING and not present(target):
                 log.info("event=target_gone volume=%s target=%s", rec.volume_id, target)
                 del rec.targets[target]
                 continue
             try:
-                check_free(target, "target_path", directory=not rec.block)
+                if there.held is Held.NOTHING:
+                    check_free(target, "target_path", directory=not rec.block)
                 self._bind(rec, target, bool(opts.get("read_only")))
             except CsiError as exc:
                 problems.append(exc.message)
@@ -681,8 +693,7 @@ class Node(csi_pb2_grpc.NodeServicer):
                 gone = True
         if gone:
             for target in list(rec.targets):
-                if target_verdict(rec, target).held is Held.OURS:
-                    self._unbind(target)
+                self._unbind_ours(rec, target)
             if staging:
                 self._unmount_staging(rec)
             self.plugin.state.delete(rec.volume_id)

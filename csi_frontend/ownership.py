@@ -19,7 +19,10 @@ in one place:
   at staging, our FUSE mount (type ``fuse.fusedrive``, source ``fusedrive:<id>``,
   and the device number recorded at stage time); at a mount target, a bind of that
   FUSE mount (same device, root ``/``); at a block target, a bind of the volume's
-  loop device node. Anything else there is foreign and is never unmounted.
+  loop device node. Anything else there is foreign and is never unmounted. A
+  target whose volume's daemon died keeps its dead bind below the fresh one the
+  heal stacks over it (so a pod never sees the bare directory); such a layer is
+  ``STALE``: ours, recognised by the identity recorded in ``retired``.
 - **Created paths** (``make_target``, ``remove_created``): the plugin creates a
   target only where nothing exists, with ``O_EXCL``/``mkdir`` (never through a
   symlink), remembers that it did, and later removes only what it created, and
@@ -156,6 +159,7 @@ def check_placement(records: Sequence[VolumeRecord], path: str, what: str) -> No
 
 class Held(enum.Enum):
     OURS = "ours"
+    STALE = "stale"  # ours, a bind of a staging mount (or loop device) whose daemon died
     NOTHING = "nothing"  # no mount at the path
     FOREIGN = "foreign"  # a mount we did not make
 
@@ -217,11 +221,32 @@ def target_verdict(rec: VolumeRecord, target: str, binding: bool = False) -> Ver
             and (not rec.staging_dev or entry.dev == rec.staging_dev)
         ):
             return Verdict(Held.OURS, entry)
+        if any(_is_retired(rec, entry, ident) for ident in rec.retired):
+            return Verdict(Held.STALE, entry, f"{target} carries a bind of a dead FUSE mount")
     return Verdict(
         Held.FOREIGN,
         entry,
         f"{target} carries {_describe(entry)}, not a publish of volume {rec.volume_id!r}",
     )
+
+
+def retired_identity(rec: VolumeRecord) -> str:
+    """How ``rec``'s current target binds will be recognised once its daemon has died."""
+    return f"loop:{rec.loop_device}" if rec.block else f"dev:{rec.staging_dev}"
+
+
+def _is_retired(rec: VolumeRecord, entry: MountEntry, ident: str) -> bool:
+    kind, _, value = ident.partition(":")
+    if kind == "dev":
+        return (
+            entry.fstype == FUSE_FSTYPE
+            and entry.source == fuse_source(rec.volume_id)
+            and entry.root == "/"
+            and entry.dev == value
+        )
+    if kind == "loop" and value:
+        return entry.root == "/" + os.path.basename(value) and entry.fstype in ("devtmpfs", "tmpfs")
+    return False
 
 
 def is_fusedrive_mount(entry: MountEntry | None) -> bool:

@@ -12,6 +12,10 @@ Record fields:
 - ``staging_dev``: the device number (``major:minor`` in mountinfo) of the FUSE
   mount we made at the staging path; a target bind of it shows the same number,
   which is how ``ownership.py`` tells our binds from anything else;
+- ``retired``: what earlier staging mounts of this volume were, whose daemons died
+  (``dev:MAJ:MIN`` of the FUSE mount, ``loop:/dev/loopN`` of a block volume's
+  device): healing stacks a fresh bind over a target's dead one, and the dead
+  layers below are still ours to unmount at unpublish;
 - ``targets``: target path -> {"read_only": bool, "created": bool} for every
   publish; ``created`` says the plugin created the target (and may remove it);
 - ``ephemeral``: the volume was created at publish time and is deleted at unpublish.
@@ -37,6 +41,7 @@ class VolumeRecord:
     read_only: bool = False
     loop_device: str = ""
     staging_dev: str = ""
+    retired: list[str] = field(default_factory=list)
     targets: dict[str, dict[str, bool]] = field(default_factory=dict)
     ephemeral: bool = False
 
