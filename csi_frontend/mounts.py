@@ -96,9 +96,13 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
 
 
 def is_healthy(path: str | os.PathLike[str]) -> bool:
-    """False when the mount's daemon is gone (stat fails with ENOTCONN or EIO)."""
+    """False when the mount's daemon is gone (statfs fails with ENOTCONN or EIO).
+
+    statfs, not stat: FUSE always asks the daemon for it, where a stat may be answered
+    from attributes the kernel cached before the daemon died.
+    """
     try:
-        os.lstat(path)
+        os.statvfs(path)
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED):
             return False

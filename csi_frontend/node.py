@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -63,6 +63,9 @@ from .plugin import Plugin
 from .proto import csi_pb2, csi_pb2_grpc
 from .state import VolumeRecord
 from .watch import DaemonWatcher
+
+if TYPE_CHECKING:
+    from fusedrive.daemon import MountRecord
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +174,30 @@ class Node(csi_pb2_grpc.NodeServicer):
             )
         self._watch(rec)
 
-    def _watch(self, rec: VolumeRecord) -> None:
-        """Watch the live daemon serving ``rec``'s staging mount (from its mount record)."""
+    def _daemon(self, rec: VolumeRecord) -> MountRecord | None:
+        """The mount record of the live daemon serving ``rec``'s staging path, if any."""
         from fusedrive.daemon import live_mounts
 
         real = os.path.realpath(rec.staging_path)
         for drec in live_mounts(self.plugin.config.store_path.absolute()):
-            ours = drec.name == rec.volume_id and drec.mountpoint in (rec.staging_path, real)
-            if ours and self.watcher.watch(rec.volume_id, drec.pid, drec.starttime):
-                return
+            if drec.name == rec.volume_id and drec.mountpoint in (rec.staging_path, real):
+                return drec
+        return None
+
+    def _live(self, rec: VolumeRecord) -> bool:
+        """Our FUSE mount is at staging and its daemon runs (kernel-cached attributes can
+        make a dead mount's root stat fine for a while, so the daemon is checked too)."""
+        return (
+            staging_verdict(rec).held is Held.OURS
+            and mounts.is_healthy(rec.staging_path)
+            and self._daemon(rec) is not None
+        )
+
+    def _watch(self, rec: VolumeRecord) -> None:
+        """Watch the live daemon serving ``rec``'s staging mount (from its mount record)."""
+        drec = self._daemon(rec)
+        if drec is not None and self.watcher.watch(rec.volume_id, drec.pid, drec.starttime):
+            return
         log.warning("event=daemon_not_found volume=%s path=%s", rec.volume_id, rec.staging_path)
         self._schedule_heal(rec.volume_id, HEAL_RETRY_SECONDS)
 
@@ -277,7 +295,9 @@ class Node(csi_pb2_grpc.NodeServicer):
                         grpc.StatusCode.ALREADY_EXISTS,
                         f"volume {vid!r} is staged at {staging} with another capability",
                     )
-                self._restore(rec)  # staged already: make sure it is up (idempotent)
+                # Staged already: make sure it is up (idempotent); a target's trouble is
+                # the business of its publish, not of this stage.
+                self._restore(rec, strict=False)
                 self.plugin.state.put(rec)
                 return csi_pb2.NodeStageVolumeResponse()
             others = [r for r in self.plugin.state.all() if r.volume_id != vid]
@@ -618,7 +638,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         )
 
     # -- bringing a staged volume back: restart recovery and healing ------------------
-    def _restore(self, rec: VolumeRecord) -> None:
+    def _restore(self, rec: VolumeRecord, strict: bool = True) -> None:
         """Make ``rec``'s staging mount, loop device and targets live again.
 
         A dead FUSE mount (or none) is replaced: first the target binds of it that are
@@ -630,7 +650,7 @@ class Node(csi_pb2_grpc.NodeServicer):
         staged = staging_verdict(rec)
         if staged.held is Held.FOREIGN:
             raise occupied(f"cannot bring volume {rec.volume_id!r} back: {staged.why}")
-        live = staged.held is Held.OURS and mounts.is_healthy(rec.staging_path)
+        live = self._live(rec)
         if not live:
             # The targets keep their dead binds until fresh ones are stacked over them,
             # so a pod never sees (and writes into) the bare target directory.
@@ -667,7 +687,9 @@ class Node(csi_pb2_grpc.NodeServicer):
                 problems.append(exc.message)
         self.plugin.state.put(rec)
         if problems:
-            raise occupied("; ".join(problems))
+            log.warning("event=targets_not_restored volume=%s why=%r", rec.volume_id, problems)
+            if strict:
+                raise occupied("; ".join(problems))
 
     def recover(self) -> None:
         """Re-establish recorded stages and publishes after a plugin restart."""

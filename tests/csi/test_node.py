@@ -488,8 +488,15 @@ def test_controller_modify_of_a_staged_volume_changes_compression_at_once(
 
 @pytest.mark.needs_fuse
 def test_a_dead_fuse_daemon_shows_abnormal_and_the_volume_still_tears_down(
-    csi: Csi, node_dir: Path
+    new_plugin: Any,
 ) -> None:
+    from conftest import Csi
+
+    # Its own plugin, told to wait before healing, so the volume stays dead meanwhile
+    # (tests/csi/test_node_heal.py covers the heal itself).
+    csi = Csi(new_plugin("--heal-delay", "3600"))
+    node_dir = csi.plugin.base / "t"
+    node_dir.mkdir()
     vol = csi.create_volume()
     staging, target = node_dir / "staging", node_dir / "target"
     stage(csi, vol.volume_id, staging)
