@@ -29,6 +29,8 @@ class LoopDevice:
     name: str  # /dev/loopN
     backing_file: str
     read_only: bool
+    backing_dev: str = ""  # "major:minor" of the backing file's filesystem
+    backing_ino: int = 0
 
 
 def _losetup(args: list[str]) -> str:
@@ -39,21 +41,43 @@ def _losetup(args: list[str]) -> str:
 
 
 def list_devices() -> list[LoopDevice]:
-    out = _losetup(["--json", "--list", "--output", "NAME,BACK-FILE,RO"])
+    out = _losetup(["--json", "--list", "--output", "NAME,BACK-FILE,RO,BACK-INO,BACK-MAJ:MIN"])
     if not out.strip():
         return []
     devices = []
     for d in json.loads(out).get("loopdevices", []):
         back = (d.get("back-file") or "").removesuffix(" (deleted)")
         ro = d.get("ro") in (True, 1, "1")
-        devices.append(LoopDevice(d["name"], back, ro))
+        ino = d.get("back-ino")
+        devices.append(
+            LoopDevice(
+                d["name"],
+                back,
+                ro,
+                str(d.get("back-maj:min") or "").strip(),
+                int(ino) if str(ino or "").isdigit() else 0,
+            )
+        )
     return devices
 
 
 def find_by_backing_file(path: str | os.PathLike[str]) -> LoopDevice | None:
+    """The loop device attached to the file now at ``path``.
+
+    A device attached to an earlier file of the same name (the image on a FUSE mount
+    whose daemon died, kept attached while someone holds the device) is not it: the
+    backing file's device and inode number must match too.
+    """
     target = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(target)
+        now = (f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", st.st_ino)
+    except OSError:
+        now = None
     for dev in list_devices():
-        if dev.backing_file == target:
+        if dev.backing_file != target:
+            continue
+        if now is None or not dev.backing_dev or (dev.backing_dev, dev.backing_ino) == now:
             return dev
     return None
 

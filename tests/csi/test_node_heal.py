@@ -212,6 +212,9 @@ def test_a_killed_daemon_of_a_block_volume_gets_its_loop_device_back(
         os.fsync(fd)
     finally:
         os.close(fd)
+    # A process holding the device across the death (a pod's open file descriptor):
+    # its loop device cannot go away, so the heal must attach a new one.
+    held = os.open(target, os.O_RDWR | os.O_DIRECT)
     kill_daemon(csi, staging)
 
     def device_works() -> bool:
@@ -236,7 +239,14 @@ def test_a_killed_daemon_of_a_block_volume_gets_its_loop_device_back(
         finally:
             os.close(fd)
 
-    wait_for("the block device at the target to work again", device_works)
+    try:
+        wait_for("the block device at the target to work again", device_works)
+        import mmap
+
+        with pytest.raises(OSError):  # the descriptor held across the death stays broken
+            os.preadv(held, [mmap.mmap(-1, 4096)], 3 * MiB)
+    finally:
+        os.close(held)
     loops = csi.plugin.loops()
     assert [back for _dev, back in loops] == [str(staging / "disk.img")]
     got = stats(csi, vid, target)
