@@ -661,8 +661,11 @@ class Node(csi_pb2_grpc.NodeServicer):
             self._unmount_staging(rec)
             self._mount_staging(rec)
             self.plugin.state.put(rec)  # the new device number, before any bind uses it
-        elif self.watcher.pid_of(rec.volume_id) is None:
-            self._watch(rec)
+        else:
+            if not rec.staging_dev and staged.entry is not None:
+                rec.staging_dev = staged.entry.dev  # a record written before it was kept
+            if self.watcher.pid_of(rec.volume_id) is None:
+                self._watch(rec)
         if rec.block and not self._our_loop(rec):
             self._attach_loop(rec)
         elif rec.block:
