@@ -395,6 +395,19 @@ def new_plugin() -> Iterator[Callable[..., PluginProcess]]:
 
 
 @pytest.fixture
+def new_csi(new_plugin: Callable[..., PluginProcess]) -> Callable[..., Csi]:
+    """Factory of private plugins wrapped in ``Csi``: ``new_csi(*serve_args, confine=...,
+    wrapper=...)`` (see ``PluginProcess.start``)."""
+
+    def make(*extra: str, confine: bool = True, wrapper: tuple[str, ...] = ()) -> Csi:
+        p = new_plugin(start=False)
+        p.start(*extra, confine=confine, wrapper=wrapper)
+        return Csi(p)
+
+    return make
+
+
+@pytest.fixture
 def csi(plugin: PluginProcess) -> Csi:
     if plugin.client is None:
         plugin.restart()

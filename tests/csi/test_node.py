@@ -488,13 +488,11 @@ def test_controller_modify_of_a_staged_volume_changes_compression_at_once(
 
 @pytest.mark.needs_fuse
 def test_a_dead_fuse_daemon_shows_abnormal_and_the_volume_still_tears_down(
-    new_plugin: Any,
+    new_csi: Any,
 ) -> None:
-    from conftest import Csi
-
     # Its own plugin, told to wait before healing, so the volume stays dead meanwhile
     # (tests/csi/test_node_heal.py covers the heal itself).
-    csi = Csi(new_plugin("--heal-delay", "3600"))
+    csi = new_csi("--heal-delay", "3600")
     node_dir = csi.plugin.base / "t"
     node_dir.mkdir()
     vol = csi.create_volume()

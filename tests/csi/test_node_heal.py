@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from csi_frontend.proto import csi_pb2 as pb
 
 if TYPE_CHECKING:
-    from conftest import Csi, PluginProcess
+    from conftest import Csi
 
-NewPlugin = Callable[..., "PluginProcess"]
+NewCsi = Callable[..., "Csi"]
 Code = grpc.StatusCode
 MiB = 1 << 20
 WAIT = 120.0  # a generous bound on a shared, busy machine
@@ -162,12 +162,10 @@ def teardown(csi: Csi, vid: str, staging: Path, targets: list[Path]) -> None:
 
 @pytest.mark.needs_fuse
 def test_a_killed_daemon_is_remounted_and_every_target_works_again(
-    new_plugin: NewPlugin,
+    new_csi: NewCsi,
 ) -> None:
-    from conftest import Csi
-
     port = free_port()
-    csi = Csi(new_plugin("--metrics-address", f"127.0.0.1:{port}"))
+    csi = new_csi("--metrics-address", f"127.0.0.1:{port}")
     vid, staging, targets = stage_and_publish(csi, csi.plugin.base, targets=2)
     _write_synced(targets[0] / "before.txt", b"synced before the death\n")
     old = kill_daemon(csi, staging)
@@ -199,11 +197,9 @@ def test_a_killed_daemon_is_remounted_and_every_target_works_again(
 @pytest.mark.needs_fuse
 @pytest.mark.needs_loop
 def test_a_killed_daemon_of_a_block_volume_gets_its_loop_device_back(
-    new_plugin: NewPlugin,
+    new_csi: NewCsi,
 ) -> None:
-    from conftest import Csi
-
-    csi = Csi(new_plugin())
+    csi = new_csi()
     vid, staging, (target,) = stage_and_publish(csi, csi.plugin.base, block=True)
     before = os.urandom(4096)
     fd = os.open(target, os.O_RDWR)
@@ -256,11 +252,9 @@ def test_a_killed_daemon_of_a_block_volume_gets_its_loop_device_back(
 
 @pytest.mark.needs_fuse
 def test_while_the_daemon_is_dead_stats_say_so_and_the_volume_still_tears_down(
-    new_plugin: NewPlugin,
+    new_csi: NewCsi,
 ) -> None:
-    from conftest import Csi
-
-    csi = Csi(new_plugin("--heal-delay", "3600"))  # keep it dead for the test's length
+    csi = new_csi("--heal-delay", "3600")  # keep it dead for the test's length
     vid, staging, (target,) = stage_and_publish(csi, csi.plugin.base)
     kill_daemon(csi, staging)
     for path in (staging, target):
@@ -278,10 +272,8 @@ def test_while_the_daemon_is_dead_stats_say_so_and_the_volume_still_tears_down(
 
 
 @pytest.mark.needs_fuse
-def test_stats_never_report_a_staging_path_that_is_not_our_mount(new_plugin: NewPlugin) -> None:
-    from conftest import Csi
-
-    csi = Csi(new_plugin("--heal-delay", "3600"))
+def test_stats_never_report_a_staging_path_that_is_not_our_mount(new_csi: NewCsi) -> None:
+    csi = new_csi("--heal-delay", "3600")
     vid, staging, _ = stage_and_publish(csi, csi.plugin.base, targets=0)
     # The daemon goes away cleanly (as after a full disk): staging is a plain directory
     # of the host's disk now, and its numbers must not be reported as the volume's.

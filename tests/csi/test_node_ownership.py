@@ -24,7 +24,7 @@ from csi_frontend.proto import csi_pb2 as pb
 from csi_frontend.validation import id_for_name
 
 if TYPE_CHECKING:
-    from conftest import Csi, PluginProcess
+    from conftest import Csi
 
 Code = grpc.StatusCode
 MiB = 1 << 20
@@ -281,13 +281,9 @@ def test_proc_self_as_staging_path_is_refused(csi: Csi, node_dir: Path) -> None:
 
 @pytest.mark.needs_fuse
 def test_an_unconfined_plugin_refuses_symlinks_and_pseudo_filesystems(
-    new_plugin: Callable[..., PluginProcess],
+    new_csi: Callable[..., Csi],
 ) -> None:
-    from conftest import Csi
-
-    p = new_plugin(start=False)
-    p.start(confine=False)
-    csi = Csi(p)
+    csi = new_csi(confine=False)
     vol = csi.create_volume()
     for path in (Path("/proc/self"), Path("/proc/sys/fusedrive-x"), Path("/sys/fusedrive-x")):
         csi.error("NodeStageVolume", stage_req(csi, vol.volume_id, path), Code.INVALID_ARGUMENT)
@@ -326,19 +322,16 @@ def test_paths_outside_the_allowed_prefix_are_invalid(csi: Csi, node_dir: Path) 
 
 @pytest.mark.needs_fuse
 def test_publish_onto_the_real_etc_is_refused_in_a_private_mount_namespace(
-    new_plugin: Callable[..., PluginProcess],
+    new_csi: Callable[..., Csi],
 ) -> None:
     """The plugin runs unconfined (no prefix) in its own mount namespace: even if it
     mounted over /etc, only that namespace would see it."""
-    from conftest import Csi
-
     if not shutil.which("unshare"):
         pytest.fail("unshare (util-linux) is required")
-    p = new_plugin(start=False)
-    p.start(confine=False, wrapper=("unshare", "-m", "--propagation", "private", "--"))
+    csi = new_csi(confine=False, wrapper=("unshare", "-m", "--propagation", "private", "--"))
+    p = csi.plugin
     assert p.proc is not None
     mountinfo = f"/proc/{p.proc.pid}/mountinfo"
-    csi = Csi(p)
     vol = csi.create_volume()
     staging = p.base / "staging"
     stage(csi, vol.volume_id, staging)
