@@ -201,17 +201,13 @@ class Node(csi_pb2_grpc.NodeServicer):
         log.warning("event=daemon_not_found volume=%s path=%s", rec.volume_id, rec.staging_path)
         self._schedule_heal(rec.volume_id, HEAL_RETRY_SECONDS)
 
-    def _our_loop(self, rec: VolumeRecord) -> str:
-        """The loop device attached to ``rec``'s image file, or ''."""
+    def _our_loops(self, rec: VolumeRecord) -> list[str]:
+        """Every loop device attached to ``rec``'s image path (a dead mount's included)."""
         if not rec.block or not rec.staging_path:
-            return ""
+            return []
         image = os.path.join(rec.staging_path, IMAGE_NAME)
         backs = {image, os.path.realpath(image)}
-        for dev in loopdev.list_devices():
-            if dev.backing_file in backs and (not rec.loop_device or dev.name == rec.loop_device):
-                return dev.name
-        dev2 = next((d for d in loopdev.list_devices() if d.backing_file in backs), None)
-        return dev2.name if dev2 else ""
+        return [d.name for d in loopdev.list_devices() if d.backing_file in backs]
 
     def _attach_loop(self, rec: VolumeRecord) -> None:
         image = os.path.join(rec.staging_path, IMAGE_NAME)
@@ -231,9 +227,8 @@ class Node(csi_pb2_grpc.NodeServicer):
             raise occupied(f"not unstaging: {verdict.why}")
         self.watcher.unwatch(rec.volume_id)
         try:
-            dev = self._our_loop(rec)
-            if dev:
-                loopdev.detach(dev)
+            for dev in self._our_loops(rec):
+                loopdev.detach(dev)  # one still held open is detached when released
             rec.loop_device = ""
             if verdict.held is Held.OURS:
                 if mounts.is_healthy(rec.staging_path):
@@ -641,11 +636,11 @@ class Node(csi_pb2_grpc.NodeServicer):
     def _restore(self, rec: VolumeRecord, strict: bool = True) -> None:
         """Make ``rec``'s staging mount, loop device and targets live again.
 
-        A dead FUSE mount (or none) is replaced: first the target binds of it that are
-        ours are removed, then the loop device is detached and the dead mount
-        unmounted; then the daemon is started again and every target re-bound.
-        Anything that is not ours is left where it is and reported. Targets the CO
-        removed meanwhile are dropped from the record.
+        A dead FUSE mount (or none) is replaced: the loop device is detached and the
+        dead mount unmounted, the daemon is started again, the loop device attached
+        again, and a fresh bind is stacked over every target's dead one (whose
+        identity goes to ``rec.retired``). Anything that is not ours is left where it
+        is and reported. Targets the CO removed meanwhile are dropped from the record.
         """
         staged = staging_verdict(rec)
         if staged.held is Held.FOREIGN:
@@ -666,10 +661,8 @@ class Node(csi_pb2_grpc.NodeServicer):
                 rec.staging_dev = staged.entry.dev  # a record written before it was kept
             if self.watcher.pid_of(rec.volume_id) is None:
                 self._watch(rec)
-        if rec.block and not self._our_loop(rec):
-            self._attach_loop(rec)
-        elif rec.block:
-            rec.loop_device = self._our_loop(rec)
+        if rec.block:
+            self._attach_loop(rec)  # the device attached to the current image, or a new one
         problems = []
         for target, opts in list(rec.targets.items()):
             there = target_verdict(rec, target)
