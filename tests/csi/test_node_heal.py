@@ -300,3 +300,28 @@ def test_stats_never_report_a_staging_path_that_is_not_our_mount(new_csi: NewCsi
     finally:
         subprocess.run(["umount", str(staging)], check=True)
     teardown(csi, vid, staging, [])
+
+
+@pytest.mark.needs_fuse
+def test_a_killed_daemon_of_an_ephemeral_inline_volume_is_healed(new_csi: NewCsi) -> None:
+    csi = new_csi()
+    vid = csi.unique("inline")
+    target = csi.plugin.base / "kubelet" / "pods" / "p" / "inline"
+    target.parent.mkdir(parents=True)
+    req = pb.NodePublishVolumeRequest(
+        volume_id=vid,
+        target_path=str(target),
+        volume_capability=csi.mount_cap(),
+        volume_context={"csi.storage.k8s.io/ephemeral": "true", "size": "16MiB"},
+    )
+    csi.call("NodePublishVolume", req)
+    staging = csi.plugin.state / "ephemeral" / vid
+    _write_synced(target / "before", b"before")
+    kill_daemon(csi, staging)
+    wait_for("writes through the inline volume", lambda: _writes(target / "after", b"after"))
+    assert (target / "before").read_bytes() == b"before"
+    csi.call(
+        "NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(target))
+    )
+    assert csi.plugin.mounts() == []
+    assert not target.exists()
