@@ -316,6 +316,10 @@ class Csi:
         """Stage and publish ``vid``; the published path (a directory, or the device)."""
         staging = str(self.root / "kubelet" / "staging" / vid)
         target = str(self.root / "kubelet" / "pods" / vid / ("dev" if block else "mount"))
+        # As kubelet does: the staging directory and the target's parent exist before the
+        # calls (the plugin creates no parents).
+        os.makedirs(staging, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         cap = self._cap(block)
         self.client.call(
             "NodeStageVolume",
