@@ -31,8 +31,21 @@ pytest: setup
 
 test: lint typecheck pytest
 
+# Everything but fio (about 20 minutes on 2 cores; needs root, /dev/fuse, loop devices):
+# the store alone, then snapshot/restore/clone through CSI against hostpath (tar, cp,
+# dd) and btrfs, busy-volume snapshots, lineage, scale and space; then REPORT.md and
+# its plots in benchmarks/results/ (with the latest fio.json).
 bench: setup
 	$(PY) -m benchmarks.store_bench
+	$(PY) -m benchmarks.csi_bench
+	$(PY) -m benchmarks.report
+
+# A smaller csi_bench (a few minutes), results and report in benchmarks/results/quick/.
+.PHONY: bench-quick
+bench-quick: setup
+	$(PY) -m benchmarks.csi_bench --quick --out benchmarks/results/quick/csi.json
+	$(PY) -m benchmarks.report --csi benchmarks/results/quick/csi.json \
+		--out benchmarks/results/quick/REPORT.md
 
 # fio through a fusedrive mount, a plain directory and memfs (needs root, /dev/fuse, fio).
 .PHONY: bench-fio

@@ -835,37 +835,48 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
         console.print("[green]all targets met[/]")
 
 
+JOB_TITLE = {
+    "seq_write": ("sequential write, 1 MiB, fsync'd", "MiB/s"),
+    "seq_read": ("sequential read, 1 MiB, cold", "MiB/s"),
+    "rand_read": ("random read, 4 KiB, QD1, direct", "IOPS"),
+    "rand_write": ("random write, 4 KiB, QD1, direct", "IOPS"),
+    "create": ("file create", "ops/s"),
+    "stat": ("file stat", "ops/s"),
+    "unlink": ("file unlink", "ops/s"),
+}
+
+
 def write_plot(results: dict[str, Any], path: Path) -> None:
+    """One job per panel: the three targets' medians with min-max over the trials, the
+    job's reference bar outlined and its target drawn; then the daemon's memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     jobs = results["jobs"]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    panels = (
-        (axes[0][0], ("seq_write", "seq_read"), "MiB/s", "sequential 1 MiB (write fsync'd)"),
-        (axes[0][1], ("rand_read", "rand_write"), "IOPS", "random 4 KiB, QD1, direct"),
-        (axes[1][0], ("create", "stat", "unlink"), "ops/s", "small files"),
-    )
-    width = 0.27
-    for ax, names, unit, title in panels:
-        for j, t in enumerate(TARGETS):
-            vals = [jobs[n][t][JOB_METRIC[n]] for n in names]
-            xs = [i + (j - 1) * width for i in range(len(names))]
-            ax.bar(xs, vals, width, label=t)
-        labels = [
-            f"{n}\n{results['ratios'][n][f'fusedrive_to_{JOB_REFERENCE[n]}']:.2f}x "
-            f"{JOB_REFERENCE[n]}"
-            for n in names
-        ]
-        ax.set_xticks(range(len(names)), labels)
+    limits = {job: (ref, limit) for _, job, _, ref, limit in RATIO_TARGETS}
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8.5))
+    colors = {"fusedrive": "tab:blue", "plain": "tab:gray", "memfs": "tab:green"}
+    for ax, (job, metric) in zip(axes.flat, JOB_METRIC.items(), strict=False):
+        title, unit = JOB_TITLE[job]
+        ref, limit = limits[job]
+        med = [jobs[job][t][metric] for t in TARGETS]
+        trials = [[tr[metric] for tr in jobs[job][t]["trials"]] for t in TARGETS]
+        lo = [m - min(ts) for m, ts in zip(med, trials, strict=True)]
+        hi = [max(ts) - m for m, ts in zip(med, trials, strict=True)]
+        bars = ax.bar(TARGETS, med, yerr=[lo, hi], capsize=5, color=[colors[t] for t in TARGETS])
+        bars[TARGETS.index(ref)].set_edgecolor("black")
+        bars[TARGETS.index(ref)].set_linewidth(2)
+        need = limit * jobs[job][ref][metric]
+        ax.axhline(need, color="red", linestyle="--", label=f"target: >= {limit:g} x {ref}")
+        ratio = results["ratios"][job][f"fusedrive_to_{ref}"]
+        ax.set_title(f"{title}\nfusedrive = {ratio:.2f} x {ref}", fontsize=10)
         if unit == "ops/s":
-            ax.set_yscale("log")  # the plain directory is an order of magnitude ahead
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.legend()
-    ax = axes[1][1]
+            ax.set_yscale("log")  # the plain directory is two orders of magnitude ahead
+        ax.set_ylabel(f"{unit} (median of {len(trials[0])}, bars min-max)")
+        ax.legend(fontsize=8, loc="upper right")
+    ax = axes.flat[len(JOB_METRIC)]
     mem = results["daemon_memory"]
     series = mem["series"]
     ts = [s["t"] for s in series]
@@ -875,16 +886,26 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     ax.axhline(RSS_LIMIT_MIB, color="red", linestyle="--", label="target (anon + shmem)")
     ax.set_xlabel("seconds")
     ax.set_ylabel("MiB")
-    ax.set_title(f"fusedrive daemon memory writing {human(mem['written_bytes'])}")
-    ax.legend()
+    ax.set_title(f"daemon memory writing {human(mem['written_bytes'])}", fontsize=10)
+    ax.legend(fontsize=8)
     missed = len(results["missed"])
+    m = results["machine"]
+    load = m.get("loadavg_start", [0.0])[0], m.get("loadavg_end", [0.0])[0]
     fig.suptitle(
-        f"fusedrive fio benchmark ({results['mode']}), {results['machine']['date']}, "
-        f"{len(results['targets']) - missed}/{len(results['targets'])} targets met"
+        f"fusedrive fio benchmark ({results['mode']}): {len(results['targets']) - missed}/"
+        f"{len(results['targets'])} targets met; outlined bar = the job's reference"
     )
-    fig.tight_layout()
+    fig.text(
+        0.5,
+        0.005,
+        f"{m['date']} · {m['nproc']} cores {m['cpu_model']} · kernel {m['kernel']} · "
+        f"{m['fio']} · load avg {load[0]:.1f} at start, {load[1]:.1f} at end (shared machine)",
+        ha="center",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

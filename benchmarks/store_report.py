@@ -122,7 +122,12 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         ax.bar(xs, med, width, yerr=[[0] * len(med), p90], capsize=4, label=label)
     ax.axhline(LATENCY_LIMIT_MS, color="red", linestyle="--", label="target")
     ax.set_xticks(range(len(LATENCY_OPS)), LATENCY_OPS)
-    ax.set_ylabel("ms (median, bar to p90)")
+    # Log scale: the bars are some 40 times below the target line, which would
+    # otherwise flatten them to slivers.
+    ax.set_yscale("log")
+    lowest = min(lat[size][op]["median_ms"] for size in ("small", "large") for op in LATENCY_OPS)
+    ax.set_ylim(bottom=lowest / 10)
+    ax.set_ylabel("ms (median, bar to p90; log scale)")
     ax.set_title("snapshot and clone latency")
     ax.legend()
 

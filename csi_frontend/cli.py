@@ -119,6 +119,22 @@ def _serve_parser(sub: Any) -> None:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="the least severe messages logged (default: %(default)s)",
     )
+    p.add_argument(
+        "--allowed-path-prefix",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="staging and target paths must lie below DIR (kubelet's root directory, "
+        "e.g. /var/lib/kubelet); repeatable; others are INVALID_ARGUMENT (default: any path)",
+    )
+    p.add_argument(
+        "--heal-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long after a volume's FUSE daemon dies before remounting it "
+        "(default: %(default)s)",
+    )
 
 
 def _call_parser(sub: Any) -> None:
@@ -327,6 +343,8 @@ def serve(a: argparse.Namespace) -> int:
         driver_name=a.driver_name or DEFAULT_DRIVER_NAME,
         mounter_socket=a.mounter_socket,
         max_volumes_per_node=a.max_volumes_per_node,
+        allowed_path_prefixes=a.allowed_path_prefix,
+        heal_delay=a.heal_delay,
     )
     if len(config.driver_name) > 63:
         print("fusedrive-csi: error: --driver-name is longer than 63 characters", file=sys.stderr)

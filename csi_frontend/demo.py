@@ -72,6 +72,7 @@ class Lifecycle:
 
     def stage(self, vid: str, block: bool = False) -> str:
         staging = str(self.root / "kubelet" / "staging" / vid)
+        os.makedirs(staging, exist_ok=True)  # as kubelet does; the plugin creates no parents
         cap = block_capability() if block else mount_capability()
         self.client.call(
             "NodeStageVolume",
@@ -82,6 +83,7 @@ class Lifecycle:
 
     def publish(self, vid: str, staging: str, block: bool = False, readonly: bool = False) -> str:
         target = str(self.root / "kubelet" / "pods" / vid / ("dev" if block else "mount"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)  # kubelet makes the parent
         cap = block_capability() if block else mount_capability()
         self.client.call(
             "NodePublishVolume",
@@ -271,6 +273,8 @@ def running_plugin(root: Path) -> Iterator[CsiClient]:
             str(root / "store"),
             "--state-dir",
             str(root / "state"),
+            "--allowed-path-prefix",
+            str(root / "kubelet"),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

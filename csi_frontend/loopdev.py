@@ -4,6 +4,9 @@ A block volume's FUSE mount holds one file, the disk image; the node attaches a
 loop device to it at stage time and bind-mounts the device node onto the
 publish target. The backing file is found again after a restart through
 ``losetup --json``, so attachments are never leaked or duplicated.
+
+Every ``losetup`` call ends its options with ``--`` or passes the device as an
+option's value (``--detach=/dev/loopN``), so no path is ever read as an option.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class LoopDevice:
     name: str  # /dev/loopN
     backing_file: str
     read_only: bool
+    backing_dev: str = ""  # "major:minor" of the backing file's filesystem
+    backing_ino: int = 0
 
 
 def _losetup(args: list[str]) -> str:
@@ -36,21 +41,43 @@ def _losetup(args: list[str]) -> str:
 
 
 def list_devices() -> list[LoopDevice]:
-    out = _losetup(["--json", "--list", "--output", "NAME,BACK-FILE,RO"])
+    out = _losetup(["--json", "--list", "--output", "NAME,BACK-FILE,RO,BACK-INO,BACK-MAJ:MIN"])
     if not out.strip():
         return []
     devices = []
     for d in json.loads(out).get("loopdevices", []):
         back = (d.get("back-file") or "").removesuffix(" (deleted)")
         ro = d.get("ro") in (True, 1, "1")
-        devices.append(LoopDevice(d["name"], back, ro))
+        ino = d.get("back-ino")
+        devices.append(
+            LoopDevice(
+                d["name"],
+                back,
+                ro,
+                str(d.get("back-maj:min") or "").strip(),
+                int(ino) if str(ino or "").isdigit() else 0,
+            )
+        )
     return devices
 
 
 def find_by_backing_file(path: str | os.PathLike[str]) -> LoopDevice | None:
+    """The loop device attached to the file now at ``path``.
+
+    A device attached to an earlier file of the same name (the image on a FUSE mount
+    whose daemon died, kept attached while someone holds the device) is not it: the
+    backing file's device and inode number must match too.
+    """
     target = os.path.realpath(os.fspath(path))
+    try:
+        st = os.stat(target)
+        now = (f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", st.st_ino)
+    except OSError:
+        now = None
     for dev in list_devices():
-        if dev.backing_file == target:
+        if dev.backing_file != target:
+            continue
+        if now is None or not dev.backing_dev or (dev.backing_dev, dev.backing_ino) == now:
             return dev
     return None
 
@@ -63,14 +90,14 @@ def attach(path: str | os.PathLike[str], read_only: bool = False) -> LoopDevice:
     args = ["--find", "--show"]
     if read_only:
         args.append("--read-only")
-    name = _losetup([*args, os.fspath(path)]).strip()
+    name = _losetup([*args, "--", os.fspath(path)]).strip()
     log.info("event=loop_attached device=%s file=%s ro=%s", name, path, read_only)
     return LoopDevice(name, os.path.realpath(os.fspath(path)), read_only)
 
 
 def detach(device: str) -> None:
     try:
-        _losetup(["--detach", device])
+        _losetup([f"--detach={device}"])
     except LoopError as exc:
         if "No such device" in str(exc) or "not a block device" in str(exc):
             return
@@ -80,7 +107,7 @@ def detach(device: str) -> None:
 
 def refresh_size(device: str) -> None:
     """Make the loop device see its backing file's new size (online expansion)."""
-    _losetup(["--set-capacity", device])
+    _losetup([f"--set-capacity={device}"])
 
 
 def size_bytes(device: str) -> int:

@@ -1,22 +1,23 @@
 """Mount table reading and the mount operations the node service performs.
 
-Everything here acts on the host's mount namespace through util-linux
-(``mount``/``umount``) and reads ``/proc/self/mountinfo``. Paths are always
-absolute and already validated by the caller (``node.py`` keeps them inside the
-directories the CO gave).
+Reads ``/proc/self/mountinfo``; binds and unmounts with the mount(2)/umount2(2)
+system calls directly, so no option parsing can mistake a path for an option and
+no symlink in a path's last component is ever followed (binds are made on
+``O_PATH|O_NOFOLLOW`` descriptors, unmounts use ``UMOUNT_NOFOLLOW``). Which mount
+is ours is decided in ``ownership.py``; this module acts on what it is given.
 
-Invariant: ``unmount`` never returns while the path is still a mount point; a
-mount whose FUSE daemon died (``ENOTCONN``) is detached lazily instead.
+Invariant: ``unmount`` removes exactly one mount, the topmost at the path, and
+detaches lazily only a busy mount with nothing mounted below it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
-import subprocess
+import stat
 from dataclasses import dataclass
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class MountError(Exception):
 class MountEntry:
     mount_id: int
     parent_id: int
+    dev: str  # major:minor of the mounted filesystem; a bind shares its source's
     root: str
     mountpoint: str
     options: str
@@ -67,6 +69,7 @@ def mount_table(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
                 MountEntry(
                     mount_id=int(a[0]),
                     parent_id=int(a[1]),
+                    dev=a[2],
                     root=_unescape(a[3]),
                     mountpoint=_unescape(a[4]),
                     options=a[5],
@@ -93,9 +96,13 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
 
 
 def is_healthy(path: str | os.PathLike[str]) -> bool:
-    """False when the mount's daemon is gone (stat fails with ENOTCONN or EIO)."""
+    """False when the mount's daemon is gone (statfs fails with ENOTCONN or EIO).
+
+    statfs, not stat: FUSE always asks the daemon for it, where a stat may be answered
+    from attributes the kernel cached before the daemon died.
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         if exc.errno in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED):
             return False
@@ -103,48 +110,127 @@ def is_healthy(path: str | os.PathLike[str]) -> bool:
     return True
 
 
-def _run(args: list[str]) -> None:
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise MountError(f"{' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+def submounts(path: str | os.PathLike[str]) -> list[MountEntry]:
+    """Mounts strictly below ``path`` (a lazy unmount of ``path`` would take them along)."""
+    prefix = os.path.normpath(os.fspath(path)).rstrip("/") + "/"
+    return [e for e in mount_table() if e.mountpoint.startswith(prefix)]
+
+
+def containing_mount(path: str | os.PathLike[str]) -> MountEntry | None:
+    """The mount that holds ``path`` (the longest mount point above or at it, topmost)."""
+    target = os.path.normpath(os.fspath(path))
+    best: MountEntry | None = None
+    for entry in mount_table():
+        mp = entry.mountpoint
+        holds = target == mp or mp == "/" or target.startswith(mp.rstrip("/") + "/")
+        if holds and (best is None or len(mp) >= len(best.mountpoint)):
+            best = entry
+    return best
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+MS_RDONLY, MS_REMOUNT, MS_BIND = 1, 32, 4096
+MNT_DETACH, UMOUNT_NOFOLLOW = 2, 8
+
+
+def _syscall_mount(source: str | None, target: str, flags: int) -> None:
+    src = os.fsencode(source) if source is not None else None
+    if _libc.mount(src, os.fsencode(target), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _umount2(path: str, flags: int) -> None:
+    if _libc.umount2(os.fsencode(path), flags | UMOUNT_NOFOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+def open_nofollow(path: str | os.PathLike[str]) -> int:
+    """An O_PATH descriptor of ``path``; refuses a symlink as the last component."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED):
+            os.close(fd)
+            raise
+        mode = stat.S_IFDIR  # the root of a dead FUSE mount (stacked over when healing)
+    if stat.S_ISLNK(mode):
+        os.close(fd)
+        raise MountError(f"{os.fspath(path)} is a symbolic link")
+    return fd
 
 
 def bind_mount(
     source: str | os.PathLike[str], target: str | os.PathLike[str], read_only: bool = False
 ) -> None:
-    """Bind ``source`` onto ``target``; read-only binds are remounted ro (kernel rule)."""
-    _run(["mount", "--bind", os.fspath(source), os.fspath(target)])
-    if read_only:
+    """Bind ``source`` onto ``target``; read-only binds are remounted ro (kernel rule).
+
+    Both paths are opened first without following a symlink in their last component,
+    and the mount is made on those descriptors (``/proc/self/fd/N``), so a path swapped
+    for a symlink between the caller's checks and the mount cannot redirect it.
+    """
+    src = open_nofollow(source)
+    try:
+        dst = open_nofollow(target)
         try:
-            _run(["mount", "-o", "remount,bind,ro", os.fspath(target)])
-        except MountError:
+            _syscall_mount(f"/proc/self/fd/{src}", f"/proc/self/fd/{dst}", MS_BIND)
+        except OSError as exc:
+            raise MountError(f"bind mount {source} on {target}: {exc.strerror}") from None
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    if read_only:
+        top = open_nofollow(target)  # now the root of the new bind
+        try:
+            _syscall_mount(None, f"/proc/self/fd/{top}", MS_BIND | MS_REMOUNT | MS_RDONLY)
+        except OSError as exc:
+            os.close(top)
+            top = -1
             unmount(target)
-            raise
+            raise MountError(f"remount {target} read-only: {exc.strerror}") from None
+        finally:
+            if top >= 0:
+                os.close(top)
     log.info("event=bind_mount source=%s target=%s ro=%s", source, target, read_only)
 
 
 def unmount(target: str | os.PathLike[str]) -> None:
-    """Unmount every mount stacked on ``target``; lazily if the mount is dead."""
-    path = os.fspath(target)
-    for _ in range(16):
-        if not is_mounted(path):
+    """Remove the one mount on top of ``target`` (never following a symlink there).
+
+    A busy mount (a dead FUSE mount a process still holds, say) is detached lazily, but
+    only when no other mount lies below it: a lazy unmount takes submounts along, and
+    those may belong to someone else. Returns at once when nothing is mounted there.
+    """
+    path = os.path.normpath(os.fspath(target))
+    if not is_mounted(path):
+        return
+    try:
+        _umount2(path, 0)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and not is_mounted(path):
             return
+        if exc.errno != errno.EBUSY:
+            raise MountError(f"unmount {path}: {exc.strerror}") from None
+        below = submounts(path)
+        if below:
+            raise MountError(
+                f"unmount {path}: busy, and other mounts lie inside it "
+                f"({', '.join(e.mountpoint for e in below[:3])})"
+            ) from None
+        log.warning("event=unmount_lazy target=%s", path)
         try:
-            _run(["umount", path])
-        except MountError as exc:
-            if "not mounted" in str(exc):
-                return
-            log.warning("event=unmount_retry_lazy target=%s error=%s", path, exc)
-            _run(["umount", "--lazy", path])
-    if is_mounted(path):
-        raise MountError(f"{path} is still mounted after 16 unmounts")
-
-
-def ensure_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-
-
-def ensure_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.touch()
+            _umount2(path, MNT_DETACH)
+        except OSError as exc2:
+            raise MountError(f"unmount {path}: {exc2.strerror}") from None
+    log.info("event=unmounted target=%s", path)

@@ -1,4 +1,4 @@
-"""The CSI Node service: stage, publish, stats, expansion, and restart recovery.
+"""The CSI Node service: stage, publish, stats, expansion, restart recovery and healing.
 
 - NodeStageVolume runs ``fusedrive mount`` for the volume at the staging path
   (one daemon per staged volume; the command returns once the mount is live).
@@ -11,20 +11,31 @@
 - Every change is recorded in ``NodeState`` before the RPC returns, so a
   restarted plugin (``recover``) finds its mounts again, remounts what died and
   drops what the CO already removed.
+- Healing: every staged volume's FUSE daemon is watched (``watch.py``, a pidfd
+  each). When one dies, the plugin remounts the staging path, re-attaches the
+  loop device of a block volume and re-binds every target of that volume, under
+  the volume's operation slot, retrying until it succeeds or the volume is
+  unstaged. NodeGetVolumeStats reports the volume abnormal while it is down.
 
-Order of teardown is the reverse of setup: unpublish binds, then detach the loop
+What the service may touch is decided in ``ownership.py`` alone: paths outside
+the allowed prefix are refused, a symlink is never followed, a mount that is not
+ours is never unmounted or mounted over, and only what the plugin created is
+removed. Teardown is the reverse of setup: unpublish binds, then detach the loop
 device, then unmount the FUSE mount (the daemon flushes and exits).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
+import threading
+import time
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -33,9 +44,28 @@ from blockstore import MODE_BLOCK, MODE_FILESYSTEM, NotFound
 from . import loopdev, mounts
 from . import validation as v
 from .errors import CsiError, invalid
+from .ownership import (
+    Held,
+    PathPolicy,
+    check_free,
+    check_placement,
+    fuse_source,
+    is_fusedrive_mount,
+    make_target,
+    occupied,
+    present,
+    remove_created,
+    retired_identity,
+    staging_verdict,
+    target_verdict,
+)
 from .plugin import Plugin
 from .proto import csi_pb2, csi_pb2_grpc
 from .state import VolumeRecord
+from .watch import DaemonWatcher
+
+if TYPE_CHECKING:
+    from fusedrive.daemon import MountRecord
 
 log = logging.getLogger(__name__)
 
@@ -49,55 +79,140 @@ CAPABILITIES = (
 )
 EPHEMERAL_KEY = "csi.storage.k8s.io/ephemeral"
 IMAGE_NAME = "disk.img"
+HEAL_RETRY_SECONDS = 5.0
+MAX_RETIRED = 32  # identities of dead staging mounts remembered per volume
+OPEN_FILES_ADVICE = (
+    "files held open across the daemon's death stay broken (ENOTCONN/EIO); "
+    "restart the pod for full recovery"
+)
+
+
+class NodeEvents(Protocol):
+    """Where the node reports daemon deaths and heals (the server's metrics)."""
+
+    def daemon_died(self, volume_id: str) -> None: ...
+
+    def daemon_healed(self, volume_id: str, ok: bool) -> None: ...
+
+
+class _NoEvents:
+    def daemon_died(self, volume_id: str) -> None:
+        pass
+
+    def daemon_healed(self, volume_id: str, ok: bool) -> None:
+        pass
 
 
 def _failed(message: str) -> CsiError:
     return CsiError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+def _clock(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
 class Node(csi_pb2_grpc.NodeServicer):
-    def __init__(self, plugin: Plugin) -> None:
+    def __init__(self, plugin: Plugin, events: NodeEvents | None = None) -> None:
         self.plugin = plugin
+        self.policy = PathPolicy(plugin.config.allowed_path_prefixes)
+        self.events: NodeEvents = events or _NoEvents()
+        self.watcher = DaemonWatcher(self._daemon_died)
+        self._heal_lock = threading.Lock()
+        self._heal_wake = threading.Event()
+        self._pending: dict[str, float] = {}  # volume id -> when to try healing it
+        self._died: dict[str, float] = {}  # volume id -> when its daemon died (until healed)
+        self._healed: dict[str, float] = {}  # volume id -> when it was last healed
+        self._stopping = threading.Event()
+        self._healer: threading.Thread | None = None
+
+    # -- lifecycle (the server calls these) --------------------------------------------
+    def start(self) -> None:
+        """Recover recorded volumes, then watch their daemons and heal what dies."""
+        self.recover()
+        self.watcher.start()
+        if self._healer is None:
+            self._healer = threading.Thread(target=self._heal_loop, name="heal", daemon=True)
+            self._healer.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._heal_wake.set()
+        self.watcher.stop()
+        if self._healer is not None:
+            self._healer.join(timeout=10)
 
     # -- the fusedrive daemon -------------------------------------------------
-    def _fusedrive(self, *args: str) -> None:
+    def _fusedrive(self, *args: str) -> str:
         cmd = self.plugin.config.fusedrive_command or [sys.executable, "-m", "fusedrive.cli"]
         full = [*cmd, "--store", str(self.plugin.config.store_path), *args]
         proc = subprocess.run(full, capture_output=True, text=True, check=False, timeout=120)
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
+            what = next(a for a in args if not a.startswith("-"))
             raise CsiError(
                 grpc.StatusCode.INTERNAL,
-                f"fusedrive {args[0]} failed: {msg[-1] if msg else proc.returncode}",
+                f"fusedrive {what} failed: {msg[-1] if msg else proc.returncode}",
             )
+        return proc.stdout
 
-    def _mount(self, volume_id: str, path: str, read_only: bool) -> None:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        self._fusedrive("mount", volume_id, path, *(["--read-only"] if read_only else []))
-
-    def _unmount(self, path: str) -> None:
-        if not mounts.is_mounted(path):
-            return
-        if mounts.is_healthy(path):
-            self._fusedrive("umount", path)
-        else:
-            mounts.unmount(path)
-
-    def _stage(self, rec: VolumeRecord) -> None:
-        """Bring the staging mount (and loop device) of ``rec`` up; idempotent."""
+    def _mount_staging(self, rec: VolumeRecord) -> None:
+        """Start the volume's FUSE daemon at its (empty, unmounted) staging path."""
         path = rec.staging_path
-        if mounts.is_mounted(path) and not mounts.is_healthy(path):
-            log.warning("event=stale_mount path=%s volume=%s", path, rec.volume_id)
-            if rec.loop_device:
-                loopdev.detach(rec.loop_device)
-                rec.loop_device = ""
-            mounts.unmount(path)
-        if not mounts.is_mounted(path):
-            self._mount(rec.volume_id, path, rec.read_only)
-        if rec.block:
-            image = os.path.join(path, IMAGE_NAME)
-            self._fit_image(rec.volume_id, image)
-            rec.loop_device = loopdev.attach(image, read_only=rec.read_only).name
+        ro = ["--read-only"] if rec.read_only else []
+        out = self._fusedrive("--json", "mount", *ro, "--", rec.volume_id, path)
+        entry = mounts.find_mount(path)
+        if entry is None or entry.source != fuse_source(rec.volume_id):
+            raise CsiError(grpc.StatusCode.INTERNAL, f"fusedrive mount left no mount at {path}")
+        rec.staging_dev = entry.dev
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            log.info(
+                "event=staged volume=%s path=%s pid=%s dev=%s",
+                rec.volume_id,
+                path,
+                json.loads(out)["pid"],
+                entry.dev,
+            )
+        self._watch(rec)
+
+    def _daemon(self, rec: VolumeRecord) -> MountRecord | None:
+        """The mount record of the live daemon serving ``rec``'s staging path, if any."""
+        from fusedrive.daemon import live_mounts
+
+        real = os.path.realpath(rec.staging_path)
+        for drec in live_mounts(self.plugin.config.store_path.absolute()):
+            if drec.name == rec.volume_id and drec.mountpoint in (rec.staging_path, real):
+                return drec
+        return None
+
+    def _live(self, rec: VolumeRecord) -> bool:
+        """Our FUSE mount is at staging and its daemon runs (kernel-cached attributes can
+        make a dead mount's root stat fine for a while, so the daemon is checked too)."""
+        return (
+            staging_verdict(rec).held is Held.OURS
+            and mounts.is_healthy(rec.staging_path)
+            and self._daemon(rec) is not None
+        )
+
+    def _watch(self, rec: VolumeRecord) -> None:
+        """Watch the live daemon serving ``rec``'s staging mount (from its mount record)."""
+        drec = self._daemon(rec)
+        if drec is not None and self.watcher.watch(rec.volume_id, drec.pid, drec.starttime):
+            return
+        log.warning("event=daemon_not_found volume=%s path=%s", rec.volume_id, rec.staging_path)
+        self._schedule_heal(rec.volume_id, HEAL_RETRY_SECONDS)
+
+    def _our_loops(self, rec: VolumeRecord) -> list[str]:
+        """Every loop device attached to ``rec``'s image path (a dead mount's included)."""
+        if not rec.block or not rec.staging_path:
+            return []
+        image = os.path.join(rec.staging_path, IMAGE_NAME)
+        backs = {image, os.path.realpath(image)}
+        return [d.name for d in loopdev.list_devices() if d.backing_file in backs]
+
+    def _attach_loop(self, rec: VolumeRecord) -> None:
+        image = os.path.join(rec.staging_path, IMAGE_NAME)
+        self._fit_image(rec.volume_id, image)
+        rec.loop_device = loopdev.attach(image, read_only=rec.read_only).name
 
     def _fit_image(self, volume_id: str, image: str) -> None:
         """Grow the block image to the volume's capacity (after an expansion)."""
@@ -105,16 +220,48 @@ class Node(csi_pb2_grpc.NodeServicer):
         if os.path.getsize(image) < cap:
             os.truncate(image, cap)
 
-    def _unstage(self, rec: VolumeRecord) -> None:
-        if rec.loop_device:
-            loopdev.detach(rec.loop_device)
+    def _unmount_staging(self, rec: VolumeRecord) -> None:
+        """Detach our loop device and unmount our FUSE mount; a foreign mount is refused."""
+        verdict = staging_verdict(rec)
+        if verdict.held is Held.FOREIGN:
+            raise occupied(f"not unstaging: {verdict.why}")
+        self.watcher.unwatch(rec.volume_id)
+        try:
+            for dev in self._our_loops(rec):
+                loopdev.detach(dev)  # one still held open is detached when released
             rec.loop_device = ""
-        elif rec.block and rec.staging_path:
-            dev = loopdev.find_by_backing_file(os.path.join(rec.staging_path, IMAGE_NAME))
-            if dev is not None:
-                loopdev.detach(dev.name)
-        if rec.staging_path:
-            self._unmount(rec.staging_path)
+            if verdict.held is Held.OURS:
+                if mounts.is_healthy(rec.staging_path):
+                    self._fusedrive("umount", "--", rec.staging_path)
+                else:
+                    mounts.unmount(rec.staging_path)
+        except BaseException:
+            if staging_verdict(rec).held is Held.OURS and mounts.is_healthy(rec.staging_path):
+                self._watch(rec)
+            raise
+
+    def _bind(self, rec: VolumeRecord, target: str, read_only: bool) -> None:
+        source = rec.loop_device if rec.block else rec.staging_path
+        try:
+            mounts.bind_mount(source, target, read_only=read_only)
+        except mounts.MountError as exc:
+            raise CsiError(grpc.StatusCode.INTERNAL, str(exc)) from None
+        got = target_verdict(rec, target, binding=True)
+        if got.held is not Held.OURS:
+            raise CsiError(grpc.StatusCode.INTERNAL, f"bind onto {target} went wrong: {got.why}")
+
+    def _unbind_ours(self, rec: VolumeRecord, target: str) -> None:
+        """Unmount our binds at ``target``, the live one and dead ones below it."""
+        while target_verdict(rec, target).held in (Held.OURS, Held.STALE):
+            self._unbind(target)
+        if mounts.is_mounted(target):
+            log.warning("event=foreign_mount_left target=%s", target)
+
+    def _unbind(self, target: str) -> None:
+        try:
+            mounts.unmount(target)
+        except mounts.MountError as exc:
+            raise _failed(str(exc)) from None
 
     # -- stage -------------------------------------------------------------------
     def NodeStageVolume(
@@ -127,48 +274,77 @@ class Node(csi_pb2_grpc.NodeServicer):
         cap = v.capabilities([req.volume_capability])[0]
         v.mapping(req.secrets, "secrets")
         v.mapping(req.volume_context, "volume_context")
+        self.policy.check(staging, "staging_target_path")
         block = cap.WhichOneof("access_type") == "block"
         read_only = cap.access_mode.mode in v.READ_ONLY_MODES
         with self.plugin.operation(vid):
             info = self.plugin.store.get_volume(vid)
             if (info.mode == MODE_BLOCK) != block:
                 raise invalid(f"volume {vid!r} is a {info.mode} volume")
-            rec = self.plugin.state.get(vid) or VolumeRecord(vid)
-            if rec.staging_path and rec.staging_path != staging:
-                raise _failed(f"volume {vid!r} is already staged at {rec.staging_path}")
-            if rec.staging_path == staging and (rec.block, rec.read_only) != (block, read_only):
-                raise CsiError(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"volume {vid!r} is staged at {staging} with another capability",
-                )
-            rec.staging_path, rec.block, rec.read_only = staging, block, read_only
+            rec = self.plugin.state.get(vid)
+            if rec is not None and rec.staging_path:
+                if rec.staging_path != staging:
+                    raise _failed(f"volume {vid!r} is already staged at {rec.staging_path}")
+                if (rec.block, rec.read_only) != (block, read_only):
+                    raise CsiError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"volume {vid!r} is staged at {staging} with another capability",
+                    )
+                # Staged already: make sure it is up (idempotent); a target's trouble is
+                # the business of its publish, not of this stage.
+                self._restore(rec, strict=False)
+                self.plugin.state.put(rec)
+                return csi_pb2.NodeStageVolumeResponse()
+            others = [r for r in self.plugin.state.all() if r.volume_id != vid]
+            check_placement(others, staging, "staging_target_path")
+            self._prepare_staging_dir(staging)
+            rec = VolumeRecord(vid, staging_path=staging, block=block, read_only=read_only)
             try:
-                self._stage(rec)
+                self._mount_staging(rec)
+                if block:
+                    self._attach_loop(rec)
             except BaseException:
-                self._unstage(rec)
+                with contextlib.suppress(Exception):
+                    self._unmount_staging(rec)
                 raise
             self.plugin.state.put(rec)
         return csi_pb2.NodeStageVolumeResponse()
+
+    @staticmethod
+    def _prepare_staging_dir(staging: str) -> None:
+        try:
+            os.mkdir(staging, 0o750)
+        except FileExistsError:
+            check_free(staging, "staging_target_path", directory=True)
+        except FileNotFoundError:
+            raise _failed(
+                f"the directory holding staging_target_path {staging} does not exist"
+            ) from None
 
     def NodeUnstageVolume(
         self, req: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnstageVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         staging = v.path(req.staging_target_path, "staging_target_path")
+        self.policy.check(staging, "staging_target_path")
         with self.plugin.operation(vid):
             rec = self.plugin.state.get(vid)
             if rec is None or rec.staging_path != staging:
-                # Not staged here (or already unstaged): make sure nothing of ours
-                # is left at the path, then succeed.
-                if rec is None and mounts.is_mounted(staging):
-                    entry = mounts.find_mount(staging)
-                    if entry is not None and entry.fstype.startswith("fuse.fusedrive"):
-                        self._unmount(staging)
+                # Not staged here (or already unstaged): touch nothing. Succeed unless a
+                # fusedrive mount is there that the state does not give to this volume.
+                entry = mounts.find_mount(staging)
+                if is_fusedrive_mount(entry):
+                    assert entry is not None
+                    raise occupied(
+                        f"{staging} carries a fusedrive mount ({entry.source}) that is not "
+                        f"recorded as volume {vid!r}'s staging mount; left alone "
+                        "(`fusedrive umount` it by hand if it is stale)"
+                    )
                 return csi_pb2.NodeUnstageVolumeResponse()
             if rec.targets:
                 raise _failed(f"volume {vid!r} is still published at {sorted(rec.targets)}")
-            self._unstage(rec)
-            rec.staging_path = ""
+            self._unmount_staging(rec)
+            self._cancel_heal(vid)
             self.plugin.state.delete(vid)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -186,46 +362,68 @@ class Node(csi_pb2_grpc.NodeServicer):
         block = cap.WhichOneof("access_type") == "block"
         read_only = req.readonly or cap.access_mode.mode in v.READ_ONLY_MODES
         ephemeral = context_map.get(EPHEMERAL_KEY) == "true"
+        staging = ""
+        if not ephemeral:
+            if not req.staging_target_path:
+                raise _failed(
+                    "staging_target_path is required: this plugin stages volumes "
+                    "(STAGE_UNSTAGE_VOLUME)"
+                )
+            staging = v.path(req.staging_target_path, "staging_target_path")
+            self.policy.check(staging, "staging_target_path")
+        self.policy.check(target, "target_path")
         with self.plugin.operation(vid):
             rec: VolumeRecord | None
             if ephemeral:
                 rec = self._ephemeral_stage(vid, context_map, block)
             else:
-                staging = v.path(req.staging_target_path, "staging_target_path")
+                self.plugin.store.get_volume(vid)  # NOT_FOUND for an unknown volume
                 rec = self.plugin.state.get(vid)
-                if rec is None or rec.staging_path != staging or not mounts.is_mounted(staging):
+                if rec is None or rec.staging_path != staging:
                     raise _failed(f"volume {vid!r} is not staged at {staging}")
                 if rec.block != block:
                     raise invalid(
                         f"volume {vid!r} was staged as {'block' if rec.block else 'mount'}"
                     )
+            staged = staging_verdict(rec)
+            if staged.held is not Held.OURS or not mounts.is_healthy(rec.staging_path):
+                raise _failed(
+                    f"volume {vid!r} is not live at {rec.staging_path} "
+                    f"({staged.why or 'its FUSE daemon is down'}); the plugin is healing it"
+                )
             existing = rec.targets.get(target)
+            created = False
             if existing is not None:
                 if existing.get("read_only") != read_only:
                     raise CsiError(
                         grpc.StatusCode.ALREADY_EXISTS,
                         f"{target} is published with another read-only setting",
                     )
-                if mounts.is_mounted(target):
+                there = target_verdict(rec, target)
+                if there.held is Held.OURS:
                     return csi_pb2.NodePublishVolumeResponse()
-            if rec.targets and target not in rec.targets:
-                mode = cap.access_mode.mode
-                if mode == v.Mode.SINGLE_NODE_SINGLE_WRITER:
+                if there.held is Held.FOREIGN:
+                    raise occupied(f"not publishing: {there.why}")
+                created = bool(existing.get("created"))
+                if there.held is Held.NOTHING:  # (a STALE bind gets a fresh one over it)
+                    if not os.path.lexists(target):
+                        created = make_target(target, directory=not block)
+                    else:
+                        check_free(target, "target_path", directory=not block)
+            else:
+                if rec.targets and cap.access_mode.mode == v.Mode.SINGLE_NODE_SINGLE_WRITER:
                     raise _failed(f"volume {vid!r} is already published at another target")
-            self._publish(rec, target, read_only)
-            rec.targets[target] = {"read_only": read_only}
+                check_placement(self.plugin.state.all(), target, "target_path")
+                created = make_target(target, directory=not block)
+            try:
+                self._bind(rec, target, read_only)
+            except BaseException:
+                if created:
+                    remove_created(target)
+                raise
+            rec.targets[target] = {"read_only": read_only, "created": created}
             self.plugin.state.put(rec)
         return csi_pb2.NodePublishVolumeResponse()
-
-    def _publish(self, rec: VolumeRecord, target: str, read_only: bool) -> None:
-        if rec.block:
-            mounts.ensure_file(Path(target))
-            source = rec.loop_device
-        else:
-            mounts.ensure_dir(Path(target))
-            source = rec.staging_path
-        if not mounts.is_mounted(target):
-            mounts.bind_mount(source, target, read_only=read_only)
 
     def _ephemeral_stage(self, vid: str, ctx: dict[str, str], block: bool) -> VolumeRecord:
         if block:
@@ -239,12 +437,14 @@ class Node(csi_pb2_grpc.NodeServicer):
             {k: val for k, val in ctx.items() if k in v.KNOWN_PARAMETERS}, v.KNOWN_PARAMETERS
         )
         self.plugin.store.create_volume(vid, cap, MODE_FILESYSTEM, params)
-        staging = str(self.plugin.config.state_path / "ephemeral" / vid)
-        rec = VolumeRecord(vid, staging_path=staging, ephemeral=True)
+        staging = self.plugin.config.state_path / "ephemeral" / vid
+        staging.mkdir(parents=True, exist_ok=True)
+        rec = VolumeRecord(vid, staging_path=str(staging), ephemeral=True)
         try:
-            self._stage(rec)
+            self._mount_staging(rec)
         except BaseException:
-            self._unstage(rec)
+            with contextlib.suppress(Exception):
+                self._unmount_staging(rec)
             self.plugin.store.delete_volume(vid)
             raise
         self.plugin.state.put(rec)
@@ -255,76 +455,152 @@ class Node(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
         target = v.path(req.target_path, "target_path")
+        self.policy.check(target, "target_path")
         with self.plugin.operation(vid):
             rec = self.plugin.state.get(vid)
-            if rec is not None and target in rec.targets:
-                mounts.unmount(target)
-                del rec.targets[target]
-                self.plugin.state.put(rec)
-            elif mounts.is_mounted(target):
-                # Published before a state loss: remove only our own kind of mount.
-                entry = mounts.find_mount(target)
-                if entry is not None and (
-                    entry.fstype.startswith("fuse.fusedrive")
-                    or entry.source.startswith("/dev/loop")
-                ):
-                    mounts.unmount(target)
-            _remove_target(target)
-            if rec is not None and rec.ephemeral and not rec.targets:
-                self._unstage(rec)
+            if rec is None or target not in rec.targets:
+                # Not published here (or already unpublished): touch nothing. Succeed
+                # unless something of ours is there that the state gives to no one here.
+                self._refuse_unrecorded_target(vid, target)
+                return csi_pb2.NodeUnpublishVolumeResponse()
+            there = target_verdict(rec, target)
+            if there.held is Held.FOREIGN:
+                raise occupied(f"not unpublishing: {there.why}")
+            self._unbind_ours(rec, target)
+            if rec.targets[target].get("created") and not mounts.is_mounted(target):
+                remove_created(target)
+            del rec.targets[target]
+            self.plugin.state.put(rec)
+            if rec.ephemeral and not rec.targets:
+                self._unmount_staging(rec)
+                self._cancel_heal(vid)
                 self.plugin.state.delete(vid)
-                shutil.rmtree(rec.staging_path, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir(rec.staging_path)  # created by us under the state directory
                 with contextlib.suppress(NotFound):
                     self.plugin.store.delete_volume(vid)
         return csi_pb2.NodeUnpublishVolumeResponse()
 
+    def _refuse_unrecorded_target(self, vid: str, target: str) -> None:
+        entry = mounts.find_mount(target)
+        if entry is None:
+            return
+        ours = is_fusedrive_mount(entry)
+        if not ours:
+            for other in self.plugin.state.all():
+                if other.block and other.loop_device and target in other.targets:
+                    ours = True
+        if ours:
+            raise occupied(
+                f"{target} carries a fusedrive mount ({entry.source}) that is not recorded "
+                f"as a publish of volume {vid!r}; left alone"
+            )
+
     # -- stats, expansion, info ----------------------------------------------------
-    def _record_for_path(self, vid: str, path: str) -> VolumeRecord:
+    def _record_for_path(self, req_volume_id: str, path: str) -> VolumeRecord:
+        """The record of a known volume at ``path``: NOT_FOUND for an unknown one.
+
+        The volume is looked up before the path is judged (the spec's order): an
+        unknown volume is NOT_FOUND whatever the path, and a path this volume is not
+        staged or published at (relative ones included) is NOT_FOUND too.
+        """
+        vid = v.object_id(req_volume_id, "volume_id")
+        if not path:
+            raise invalid("volume_path is required")
+        try:
+            self.plugin.store.get_volume(vid)
+        except NotFound:
+            raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid!r} does not exist") from None
         rec = self.plugin.state.get(vid)
         if rec is None or (path != rec.staging_path and path not in rec.targets):
             raise CsiError(grpc.StatusCode.NOT_FOUND, f"volume {vid!r} is not available at {path}")
         return rec
 
+    def condition(self, rec: VolumeRecord, path: str | None = None) -> tuple[bool, str]:
+        """(abnormal, message) for ``rec`` (and, if given, the target ``path``)."""
+        vid = rec.volume_id
+        died = self._died.get(vid)
+        death = f"its FUSE daemon died at {_clock(died)}; " if died else ""
+        staged = staging_verdict(rec)
+        if staged.held is Held.FOREIGN:
+            return True, f"staging path is not ours: {staged.why}"
+        if staged.held is Held.NOTHING:
+            return True, (
+                f"volume {vid!r} is not mounted at its staging path {rec.staging_path}; "
+                f"{death}the plugin is remounting it; {OPEN_FILES_ADVICE}"
+            )
+        if died is not None or not mounts.is_healthy(rec.staging_path):
+            return True, (
+                f"the FUSE mount of volume {vid!r} at {rec.staging_path} is dead "
+                f"(transport endpoint is not connected); {death or 'its FUSE daemon is gone; '}"
+                f"the plugin is remounting it; {OPEN_FILES_ADVICE}"
+            )
+        if path is not None and path != rec.staging_path:
+            there = target_verdict(rec, path)
+            if there.held is not Held.OURS:
+                return True, f"target is not ours: {there.why}"
+        healed = self._healed.get(vid)
+        if healed is not None:
+            return False, (
+                f"volume is healthy; its FUSE daemon died and was remounted at "
+                f"{_clock(healed)}: {OPEN_FILES_ADVICE}"
+            )
+        return False, "volume is healthy"
+
     def NodeGetVolumeStats(
         self, req: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
-        vid = v.object_id(req.volume_id, "volume_id")
-        path = v.path(req.volume_path, "volume_path")
-        rec = self._record_for_path(vid, path)
+        rec = self._record_for_path(req.volume_id, req.volume_path)
+        path = req.volume_path
         resp = csi_pb2.NodeGetVolumeStatsResponse()
+        abnormal, message = self.condition(rec, path)
+        if not abnormal:
+            try:
+                self._usage(rec, resp)
+            except OSError as exc:
+                del resp.usage[:]
+                abnormal, message = True, f"cannot read the volume's usage: {exc.strerror}"
+        resp.volume_condition.abnormal = abnormal
+        resp.volume_condition.message = message
+        return resp
+
+    def _usage(self, rec: VolumeRecord, resp: csi_pb2.NodeGetVolumeStatsResponse) -> None:
+        """Usage of our own mount only: a statvfs of anything else (the host disk) is refused."""
         Unit = csi_pb2.VolumeUsage
-        if not mounts.is_healthy(rec.staging_path):
-            resp.volume_condition.abnormal = True
-            resp.volume_condition.message = f"FUSE mount at {rec.staging_path} is not responding"
-            return resp
         if rec.block:
             size = loopdev.size_bytes(rec.loop_device) if rec.loop_device else 0
             resp.usage.add(total=size, unit=Unit.BYTES)
-        else:
-            st = os.statvfs(rec.staging_path)
-            resp.usage.add(
-                total=st.f_blocks * st.f_frsize,
-                available=st.f_bavail * st.f_frsize,
-                used=(st.f_blocks - st.f_bfree) * st.f_frsize,
-                unit=Unit.BYTES,
-            )
-            resp.usage.add(
-                total=st.f_files,
-                available=st.f_favail,
-                used=st.f_files - st.f_ffree,
-                unit=Unit.INODES,
-            )
-        resp.volume_condition.abnormal = False
-        resp.volume_condition.message = "volume is healthy"
-        return resp
+            return
+        staged = staging_verdict(rec)
+        if staged.entry is None or staged.held is not Held.OURS:
+            raise OSError(errno.ENOTCONN, "the staging mount is gone")
+        major, _, minor = staged.entry.dev.partition(":")
+        fd = os.open(rec.staging_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if os.fstat(fd).st_dev != os.makedev(int(major), int(minor)):
+                raise OSError(errno.ENOTCONN, "the staging path is not our mount")
+            st = os.fstatvfs(fd)
+        finally:
+            os.close(fd)
+        resp.usage.add(
+            total=st.f_blocks * st.f_frsize,
+            available=st.f_bavail * st.f_frsize,
+            used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            unit=Unit.BYTES,
+        )
+        resp.usage.add(
+            total=st.f_files,
+            available=st.f_favail,
+            used=st.f_files - st.f_ffree,
+            unit=Unit.INODES,
+        )
 
     def NodeExpandVolume(
         self, req: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
         vid = v.object_id(req.volume_id, "volume_id")
-        path = v.path(req.volume_path, "volume_path")
         with self.plugin.operation(vid):
-            rec = self._record_for_path(vid, path)
+            rec = self._record_for_path(vid, req.volume_path)
             info = self.plugin.store.get_volume(vid)
             want = req.capacity_range.required_bytes
             if want > info.capacity:
@@ -333,6 +609,8 @@ class Node(csi_pb2_grpc.NodeServicer):
                     f"volume {vid!r} has {info.capacity} bytes; expand it first (controller)",
                 )
             if rec.block and rec.loop_device:
+                if staging_verdict(rec).held is not Held.OURS:
+                    raise _failed(f"volume {vid!r} is not live at {rec.staging_path}")
                 self._fit_image(vid, os.path.join(rec.staging_path, IMAGE_NAME))
                 loopdev.refresh_size(rec.loop_device)
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=info.capacity)
@@ -354,7 +632,61 @@ class Node(csi_pb2_grpc.NodeServicer):
             accessible_topology=csi_pb2.Topology(segments=self.plugin.topology),
         )
 
-    # -- restart recovery -------------------------------------------------------------
+    # -- bringing a staged volume back: restart recovery and healing ------------------
+    def _restore(self, rec: VolumeRecord, strict: bool = True) -> None:
+        """Make ``rec``'s staging mount, loop device and targets live again.
+
+        A dead FUSE mount (or none) is replaced: the loop device is detached and the
+        dead mount unmounted, the daemon is started again, the loop device attached
+        again, and a fresh bind is stacked over every target's dead one (whose
+        identity goes to ``rec.retired``). Anything that is not ours is left where it
+        is and reported. Targets the CO removed meanwhile are dropped from the record.
+        """
+        staged = staging_verdict(rec)
+        if staged.held is Held.FOREIGN:
+            raise occupied(f"cannot bring volume {rec.volume_id!r} back: {staged.why}")
+        live = self._live(rec)
+        if not live:
+            # The targets keep their dead binds until fresh ones are stacked over them,
+            # so a pod never sees (and writes into) the bare target directory.
+            if any(target_verdict(rec, t).held is Held.OURS for t in rec.targets):
+                ident = retired_identity(rec)
+                if ident not in rec.retired:
+                    rec.retired = [*rec.retired, ident][-MAX_RETIRED:]
+            self._unmount_staging(rec)
+            self._mount_staging(rec)
+            self.plugin.state.put(rec)  # the new device number, before any bind uses it
+        else:
+            if not rec.staging_dev and staged.entry is not None:
+                rec.staging_dev = staged.entry.dev  # a record written before it was kept
+            if self.watcher.pid_of(rec.volume_id) is None:
+                self._watch(rec)
+        if rec.block:
+            self._attach_loop(rec)  # the device attached to the current image, or a new one
+        problems = []
+        for target, opts in list(rec.targets.items()):
+            there = target_verdict(rec, target)
+            if there.held is Held.OURS:
+                continue
+            if there.held is Held.FOREIGN:
+                problems.append(there.why)
+                continue
+            if there.held is Held.NOTHING and not present(target):
+                log.info("event=target_gone volume=%s target=%s", rec.volume_id, target)
+                del rec.targets[target]
+                continue
+            try:
+                if there.held is Held.NOTHING:
+                    check_free(target, "target_path", directory=not rec.block)
+                self._bind(rec, target, bool(opts.get("read_only")))
+            except CsiError as exc:
+                problems.append(exc.message)
+        self.plugin.state.put(rec)
+        if problems:
+            log.warning("event=targets_not_restored volume=%s why=%r", rec.volume_id, problems)
+            if strict:
+                raise occupied("; ".join(problems))
+
     def recover(self) -> None:
         """Re-establish recorded stages and publishes after a plugin restart."""
         for rec in self.plugin.state.all():
@@ -362,49 +694,99 @@ class Node(csi_pb2_grpc.NodeServicer):
                 self._recover_one(rec)
             except Exception as exc:
                 log.error("event=recover_failed volume=%s error=%s", rec.volume_id, exc)
+                self._schedule_heal(rec.volume_id, HEAL_RETRY_SECONDS)
 
     def _recover_one(self, rec: VolumeRecord) -> None:
         staging = rec.staging_path
-        # A mount whose daemon died fails stat (ENOTCONN): a mount point still counts as there.
-        present = os.path.isdir(staging) or mounts.is_mounted(staging)
-        if not staging or not (present or rec.ephemeral):
-            # The CO removed the staging directory: nothing to bring back.
+        gone = False
+        if not staging:
+            gone = True
+        elif not rec.ephemeral and not present(staging):
+            gone = True  # the CO removed the staging directory: nothing to bring back
+        else:
+            try:
+                self.plugin.store.get_volume(rec.volume_id)
+            except NotFound:
+                log.warning("event=recover_volume_gone volume=%s", rec.volume_id)
+                gone = True
+        if gone:
             for target in list(rec.targets):
-                mounts.unmount(target)
-            self._unstage(rec)
+                self._unbind_ours(rec, target)
+            if staging:
+                self._unmount_staging(rec)
             self.plugin.state.delete(rec.volume_id)
             log.info("event=recover_dropped volume=%s", rec.volume_id)
             return
-        try:
-            self.plugin.store.get_volume(rec.volume_id)
-        except NotFound:
-            log.warning("event=recover_volume_gone volume=%s", rec.volume_id)
-            for target in list(rec.targets):
-                mounts.unmount(target)
-            self._unstage(rec)
-            self.plugin.state.delete(rec.volume_id)
+        with self.plugin.operation(rec.volume_id):
+            self._restore(rec)
+        log.info("event=recovered volume=%s", rec.volume_id)
+
+    # -- healing a volume whose daemon died ---------------------------------------------
+    def _daemon_died(self, vid: str, pid: int) -> None:
+        self._died.setdefault(vid, time.time())
+        self.events.daemon_died(vid)
+        self._schedule_heal(vid, self.plugin.config.heal_delay)
+
+    def _schedule_heal(self, vid: str, delay: float) -> None:
+        with self._heal_lock:
+            self._pending[vid] = time.monotonic() + delay
+        self._heal_wake.set()
+
+    def _cancel_heal(self, vid: str) -> None:
+        with self._heal_lock:
+            self._pending.pop(vid, None)
+        self._died.pop(vid, None)
+        self._healed.pop(vid, None)
+
+    def _heal_loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._heal_lock:
+                now = time.monotonic()
+                due = [vid for vid, at in self._pending.items() if at <= now]
+                later = [at for at in self._pending.values() if at > now]
+            for vid in due:
+                if self._stopping.is_set():
+                    return
+                self._heal_one(vid)
+            wait = min(later) - time.monotonic() if later else 60.0
+            self._heal_wake.wait(timeout=max(0.05, min(wait, 60.0)))
+            self._heal_wake.clear()
+
+    def _heal_one(self, vid: str) -> None:
+        with self._heal_lock:
+            self._pending.pop(vid, None)
+        rec = self.plugin.state.get(vid)
+        if rec is None or not rec.staging_path:
+            self._cancel_heal(vid)
             return
-        was_healthy = mounts.is_mounted(staging) and mounts.is_healthy(staging)
-        self._stage(rec)
-        for target, opts in list(rec.targets.items()):
-            if not os.path.exists(target) and not mounts.is_mounted(target):
-                del rec.targets[target]
-                continue
-            if mounts.is_mounted(target) and (not was_healthy or not mounts.is_healthy(target)):
-                mounts.unmount(target)
-            self._publish(rec, target, opts.get("read_only", False))
-        self.plugin.state.put(rec)
-        log.info("event=recovered volume=%s remounted=%s", rec.volume_id, not was_healthy)
+        try:
+            with self.plugin.operation(vid):
+                rec = self.plugin.state.get(vid)  # as the RPC that held the slot left it
+                if rec is None or not rec.staging_path:
+                    self._cancel_heal(vid)
+                    return
+                self._restore(rec)
+        except CsiError as exc:
+            if exc.code == grpc.StatusCode.ABORTED:  # an RPC holds the volume: soon again
+                self._schedule_heal(vid, 0.5)
+                return
+            self._heal_failed(vid, exc.message)
+            return
+        except Exception as exc:
+            self._heal_failed(vid, f"{type(exc).__name__}: {exc}")
+            return
+        if vid in self._died:
+            self._died.pop(vid, None)
+            self._healed[vid] = time.time()
+            self.events.daemon_healed(vid, True)
+            log.warning("event=daemon_healed volume=%s", vid)
 
-
-def _remove_target(target: str) -> None:
-    try:
-        if os.path.isdir(target):
-            os.rmdir(target)
-        elif os.path.exists(target):
-            os.unlink(target)
-    except OSError as exc:
-        log.warning("event=target_not_removed target=%s error=%s", target, exc)
+    def _heal_failed(self, vid: str, why: str) -> None:
+        log.error(
+            "event=heal_failed volume=%s error=%s retry_in=%.0fs", vid, why, HEAL_RETRY_SECONDS
+        )
+        self.events.daemon_healed(vid, False)
+        self._schedule_heal(vid, HEAL_RETRY_SECONDS)
 
 
 def _parse_size(text: str) -> int:

@@ -42,6 +42,10 @@ class Config:
     max_volumes_per_node: int = 0
     default_capacity: int = 1 << 30
     fusedrive_command: list[str] = field(default_factory=list)
+    # Staging and target paths must lie below one of these (empty: anywhere).
+    allowed_path_prefixes: list[str] = field(default_factory=list)
+    # Seconds between noticing a dead FUSE daemon and remounting its volume.
+    heal_delay: float = 0.0
 
 
 class Plugin:

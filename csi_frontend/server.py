@@ -59,6 +59,17 @@ class Metrics:
             ["method"],
             registry=self.registry,
         )
+        self.deaths = Counter(
+            "fusedrive_csi_daemon_deaths_total",
+            "FUSE daemons of staged volumes that died (noticed by the plugin's watch)",
+            registry=self.registry,
+        )
+        self.heals = Counter(
+            "fusedrive_csi_daemon_heals_total",
+            "attempts to remount a volume whose FUSE daemon died, by result",
+            ["result"],
+            registry=self.registry,
+        )
 
         class StoreCollector:
             def collect(self) -> Any:
@@ -82,6 +93,14 @@ class Metrics:
         host, _, port = (address or "").rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
         log.info("event=metrics_listening address=%s", address)
+
+    def daemon_died(self, volume_id: str) -> None:
+        if self.enabled:
+            self.deaths.inc()
+
+    def daemon_healed(self, volume_id: str, ok: bool) -> None:
+        if self.enabled:
+            self.heals.labels("ok" if ok else "failed").inc()
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         if self.enabled:
@@ -144,7 +163,7 @@ class Server:
         self.socket_group = socket_group
         self.plugin = Plugin(config)
         self.metrics = Metrics(self.plugin, metrics_address)
-        self.node = Node(self.plugin)
+        self.node = Node(self.plugin, self.metrics)
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
         csi_pb2_grpc.add_IdentityServicer_to_server(
             _instrument(Identity(self.plugin), csi_pb2_grpc.IdentityServicer, self.metrics),
@@ -178,7 +197,7 @@ class Server:
                 os.unlink(path)  # stale socket of a previous run
             else:
                 raise ValueError(f"{path} exists and is not a socket")
-        self.node.recover()
+        self.node.start()
         old = os.umask(0o177 if not self.socket_group else 0o117)
         try:
             self.grpc.add_insecure_port(f"unix://{path}")
@@ -193,6 +212,7 @@ class Server:
     def stop(self, grace: float = 5.0) -> None:
         self._stop.set()
         self.grpc.stop(grace).wait()
+        self.node.stop()
         if self._gc_thread.is_alive():
             self._gc_thread.join(timeout=5)
         with contextlib.suppress(FileNotFoundError):

@@ -9,7 +9,15 @@ Record fields:
 - ``staging_path``: where the volume's FUSE mount lives ('' when not staged);
 - ``block``: whether it is a raw block volume (its loop device in ``loop_device``);
 - ``read_only``: the FUSE mount is read-only;
-- ``targets``: target path -> {"read_only": bool} for every publish;
+- ``staging_dev``: the device number (``major:minor`` in mountinfo) of the FUSE
+  mount we made at the staging path; a target bind of it shows the same number,
+  which is how ``ownership.py`` tells our binds from anything else;
+- ``retired``: what earlier staging mounts of this volume were, whose daemons died
+  (``dev:MAJ:MIN`` of the FUSE mount, ``loop:/dev/loopN`` of a block volume's
+  device): healing stacks a fresh bind over a target's dead one, and the dead
+  layers below are still ours to unmount at unpublish;
+- ``targets``: target path -> {"read_only": bool, "created": bool} for every
+  publish; ``created`` says the plugin created the target (and may remove it);
 - ``ephemeral``: the volume was created at publish time and is deleted at unpublish.
 """
 
@@ -32,6 +40,8 @@ class VolumeRecord:
     block: bool = False
     read_only: bool = False
     loop_device: str = ""
+    staging_dev: str = ""
+    retired: list[str] = field(default_factory=list)
     targets: dict[str, dict[str, bool]] = field(default_factory=dict)
     ephemeral: bool = False
 

@@ -67,12 +67,17 @@ def object_id(value: str, what: str) -> str:
 
 
 def id_for_name(name: str, prefix: str) -> str:
-    """The id a CO-chosen name maps to: itself when it is a safe store name."""
+    """The id a CO-chosen name maps to: itself when it is a safe store name.
+
+    A name starting with '-' is hashed too: a command line could take it for an option.
+    """
     try:
         check_name(name)
-        return name
+        if not name.startswith("-"):
+            return name
     except InvalidArgument:
-        return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:40]}"
+        pass
+    return f"{prefix}-{hashlib.sha256(name.encode()).hexdigest()[:40]}"
 
 
 def path(value: str, what: str) -> str:

@@ -784,7 +784,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         )
         return EXIT_OK
     child = ["--store", str(store_path)] + ["-v"] * (getattr(args, "verbose", 0) or 0)
-    child += ["mount", "--foreground", args.name, str(target)]
+    child += ["mount", "--foreground"]
     child.append("--snapshot" if kind == KIND_SNAPSHOT else "--volume")
     if read_only:
         child.append("--read-only")
@@ -792,6 +792,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         child.append("--no-allow-other")
     if args.debug:
         child.append("--debug")
+    child += ["--", args.name, str(target)]  # a name may start with '-'
     try:
         pid, logfile = spawn(child, target, args.timeout)
     except DaemonFailed as exc:

@@ -383,8 +383,9 @@ def serve_recorded(
 def spawn(fusedrive_args: list[str], target: Path, timeout: float) -> tuple[int, Path]:
     """Start ``python -m fusedrive *fusedrive_args --ready-fd N`` detached; wait until live.
 
-    ``fusedrive_args`` must end inside the ``mount --foreground`` command. Returns the
-    daemon's PID and its log file.
+    ``fusedrive_args`` must end inside the ``mount --foreground`` command (its options
+    may be closed by ``--``: ``--ready-fd`` goes before it). Returns the daemon's PID and
+    its log file.
     """
     logfile = log_path(target)
     env = dict(os.environ)
@@ -392,7 +393,10 @@ def spawn(fusedrive_args: list[str], target: Path, timeout: float) -> tuple[int,
     pkg_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "fusedrive", *fusedrive_args, "--ready-fd", str(w)]
+    args = list(fusedrive_args)
+    at = args.index("--") if "--" in args else len(args)
+    args[at:at] = ["--ready-fd", str(w)]
+    cmd = [sys.executable, "-m", "fusedrive", *args]
     try:
         with open(logfile, "ab") as logf:
             offset = logf.tell()

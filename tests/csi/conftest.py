@@ -64,11 +64,16 @@ class PluginProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         return env
 
-    def start(self, *extra: str, wait: bool = True) -> CsiClient | None:
+    def start(
+        self, *extra: str, wait: bool = True, confine: bool = True, wrapper: tuple[str, ...] = ()
+    ) -> CsiClient | None:
+        """Start the plugin; ``confine`` limits its paths to ``base`` (--allowed-path-prefix),
+        ``wrapper`` runs it under another command (``unshare -m ...``)."""
         assert self.proc is None or self.proc.poll() is not None, "plugin already running"
         self.runtime.mkdir(parents=True, exist_ok=True)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         cmd = [
+            *wrapper,
             sys.executable,
             "-m",
             "csi_frontend.cli",
@@ -81,6 +86,7 @@ class PluginProcess:
             str(self.store),
             "--state-dir",
             str(self.state),
+            *(["--allowed-path-prefix", str(self.base)] if confine else []),
             *extra,
         ]
         with open(self.log_path, "ab") as log:
@@ -386,6 +392,19 @@ def new_plugin() -> Iterator[Callable[..., PluginProcess]]:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def new_csi(new_plugin: Callable[..., PluginProcess]) -> Callable[..., Csi]:
+    """Factory of private plugins wrapped in ``Csi``: ``new_csi(*serve_args, confine=...,
+    wrapper=...)`` (see ``PluginProcess.start``)."""
+
+    def make(*extra: str, confine: bool = True, wrapper: tuple[str, ...] = ()) -> Csi:
+        p = new_plugin(start=False)
+        p.start(*extra, confine=confine, wrapper=wrapper)
+        return Csi(p)
+
+    return make
 
 
 @pytest.fixture

@@ -221,12 +221,15 @@ def test_node_paths_must_be_absolute_and_normalised(csi: Csi, node_dir: Path, pa
             "NodeUnstageVolume",
             pb.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=path),
         ),
-        (
-            "NodeGetVolumeStats",
-            pb.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=path),
-        ),
     ):
         csi.error(method, req, Code.INVALID_ARGUMENT)
+    # Stats only reads: a path the volume is not staged or published at is NOT_FOUND
+    # (csi-sanity sends "some/path" and expects NOT_FOUND).
+    csi.error(
+        "NodeGetVolumeStats",
+        pb.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=path),
+        Code.NOT_FOUND,
+    )
     assert not Path("/etc/fusedrive-x").exists()
     assert not (csi.plugin.base / "relative").exists()
     assert not (Path(__file__).resolve().parents[2] / "relative").exists()  # plugin's cwd
@@ -485,8 +488,13 @@ def test_controller_modify_of_a_staged_volume_changes_compression_at_once(
 
 @pytest.mark.needs_fuse
 def test_a_dead_fuse_daemon_shows_abnormal_and_the_volume_still_tears_down(
-    csi: Csi, node_dir: Path
+    new_csi: Any,
 ) -> None:
+    # Its own plugin, told to wait before healing, so the volume stays dead meanwhile
+    # (tests/csi/test_node_heal.py covers the heal itself).
+    csi = new_csi("--heal-delay", "3600")
+    node_dir = csi.plugin.base / "t"
+    node_dir.mkdir()
     vol = csi.create_volume()
     staging, target = node_dir / "staging", node_dir / "target"
     stage(csi, vol.volume_id, staging)

@@ -384,6 +384,8 @@ def test_paths_and_names_agree_with_the_plugin(rel: str) -> None:
     assert kubelet == (MICROK8S_KUBELET if "microk8s" in rel else "/var/lib/kubelet")
     km = mount_of(spec, plugin, "kubelet-dir")
     assert km["mountPath"] == kubelet
+    # ... and accepts staging and target paths below it only.
+    assert pflags.get("allowed-path-prefix") == kubelet
     assert km.get("mountPropagation") == "Bidirectional"
     assert mount_of(spec, plugin, "state-dir").get("mountPropagation") == "Bidirectional"
     assert mount_of(spec, plugin, "dev-dir")["mountPath"] == "/dev"
