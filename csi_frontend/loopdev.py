@@ -64,9 +64,13 @@ def list_devices() -> list[LoopDevice]:
 def find_by_backing_file(path: str | os.PathLike[str]) -> LoopDevice | None:
     """The loop device attached to the file now at ``path``.
 
-    A device attached to an earlier file of the same name (the image on a FUSE mount
-    whose daemon died, kept attached while someone holds the device) is not it: the
-    backing file's device and inode number must match too.
+    The file's identity decides: its device and inode number. A device attached to
+    an earlier file of the same name (the image on a FUSE mount whose daemon died,
+    kept attached while someone holds the device) is not it; a device attached to
+    this very file from a mount namespace that is gone (a restarted plugin
+    container's) is, although ``losetup`` then names its backing file by the path
+    inside that detached mount (``/disk.img``). The name is compared only when the
+    identity cannot be known.
     """
     target = os.path.realpath(os.fspath(path))
     try:
@@ -75,9 +79,10 @@ def find_by_backing_file(path: str | os.PathLike[str]) -> LoopDevice | None:
     except OSError:
         now = None
     for dev in list_devices():
-        if dev.backing_file != target:
-            continue
-        if now is None or not dev.backing_dev or (dev.backing_dev, dev.backing_ino) == now:
+        if now is not None and dev.backing_dev:
+            if (dev.backing_dev, dev.backing_ino) == now:
+                return dev
+        elif dev.backing_file == target:
             return dev
     return None
 

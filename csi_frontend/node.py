@@ -1,18 +1,22 @@
 """The CSI Node service: stage, publish, stats, expansion, restart recovery and healing.
 
-- NodeStageVolume runs ``fusedrive mount`` for the volume at the staging path
-  (one daemon per staged volume; the command returns once the mount is live).
-  For a block volume it also attaches a loop device to the image file
-  ``disk.img`` inside that mount.
+- NodeStageVolume asks the mounter (``mounter.py``; ``--mounter-socket``, else one
+  inside this process) to serve the volume at the staging path: one
+  ``fusedrive mount`` daemon per staged volume, owned by the mounter so that it
+  outlives this process's container (docs/restart.md). For a block volume it
+  also attaches a loop device to the image file ``disk.img`` inside that mount.
 - NodePublishVolume bind-mounts the staging path onto the target directory
   (read-only when asked); for a block volume it bind-mounts the loop device node
   onto the target file. Ephemeral inline volumes are created, staged under the
   state directory and published in one step, and deleted at unpublish.
 - Every change is recorded in ``NodeState`` before the RPC returns, so a
-  restarted plugin (``recover``) finds its mounts again, remounts what died and
-  drops what the CO already removed.
-- Healing: every staged volume's FUSE daemon is watched (``watch.py``, a pidfd
-  each). When one dies, the plugin remounts the staging path, re-attaches the
+  restarted plugin (``recover``) finds its mounts again, adopts what is live (a
+  daemon the mounter lists at the staging path, with the device number of the
+  mount there; the loop device over that mount's image, found by the image's
+  device and inode number), remounts what died and drops what the CO already
+  removed. Not knowing (the mounter does not answer) is never taken for dead.
+- Healing: the mounter reports every daemon's death (``DaemonDeaths``, over its
+  event stream). When one dies, the plugin remounts the staging path, re-attaches the
   loop device of a block volume and re-binds every target of that volume, under
   the volume's operation slot, retrying until it succeeds or the volume is
   unstaged. NodeGetVolumeStats reports the volume abnormal while it is down.
@@ -28,14 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -43,7 +45,15 @@ from blockstore import MODE_BLOCK, MODE_FILESYSTEM, NotFound
 
 from . import loopdev, mounts
 from . import validation as v
-from .errors import CsiError, invalid
+from .errors import MOUNTER_CODES, CsiError, invalid
+from .mounter import (
+    DaemonDeaths,
+    DaemonInfo,
+    EmbeddedMounter,
+    MounterClient,
+    MounterConfig,
+    MounterError,
+)
 from .ownership import (
     Held,
     PathPolicy,
@@ -62,10 +72,6 @@ from .ownership import (
 from .plugin import Plugin
 from .proto import csi_pb2, csi_pb2_grpc
 from .state import VolumeRecord
-from .watch import DaemonWatcher
-
-if TYPE_CHECKING:
-    from fusedrive.daemon import MountRecord
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +122,21 @@ class Node(csi_pb2_grpc.NodeServicer):
         self.plugin = plugin
         self.policy = PathPolicy(plugin.config.allowed_path_prefixes)
         self.events: NodeEvents = events or _NoEvents()
-        self.watcher = DaemonWatcher(self._daemon_died)
+        # The FUSE daemons belong to the mounter (docs/restart.md): a separate process
+        # given by --mounter-socket, else one inside this process.
+        config = plugin.config
+        self.embedded: EmbeddedMounter | None = None
+        socket_path = config.mounter_socket or str(config.state_path / "mounter.sock")
+        if not config.mounter_socket:
+            self.embedded = EmbeddedMounter(
+                MounterConfig(
+                    store_path=config.store_path,
+                    socket_path=Path(socket_path),
+                    fusedrive_command=config.fusedrive_command,
+                )
+            )
+        self.mounter = MounterClient(socket_path)
+        self.watcher = DaemonDeaths(self.mounter, self._daemon_died, self._mounter_hello)
         self._heal_lock = threading.Lock()
         self._heal_wake = threading.Event()
         self._pending: dict[str, float] = {}  # volume id -> when to try healing it
@@ -128,6 +148,8 @@ class Node(csi_pb2_grpc.NodeServicer):
     # -- lifecycle (the server calls these) --------------------------------------------
     def start(self) -> None:
         """Recover recorded volumes, then watch their daemons and heal what dies."""
+        if self.embedded is not None:
+            self.embedded.start()
         self.recover()
         self.watcher.start()
         if self._healer is None:
@@ -140,74 +162,107 @@ class Node(csi_pb2_grpc.NodeServicer):
         self.watcher.stop()
         if self._healer is not None:
             self._healer.join(timeout=10)
+        if self.embedded is not None:
+            self.embedded.close()  # its daemons stay; the next mounter adopts them
 
-    # -- the fusedrive daemon -------------------------------------------------
-    def _fusedrive(self, *args: str) -> str:
-        cmd = self.plugin.config.fusedrive_command or [sys.executable, "-m", "fusedrive.cli"]
-        full = [*cmd, "--store", str(self.plugin.config.store_path), *args]
-        proc = subprocess.run(full, capture_output=True, text=True, check=False, timeout=120)
-        if proc.returncode != 0:
-            msg = (proc.stderr or proc.stdout).strip().splitlines()
-            what = next(a for a in args if not a.startswith("-"))
-            raise CsiError(
-                grpc.StatusCode.INTERNAL,
-                f"fusedrive {what} failed: {msg[-1] if msg else proc.returncode}",
-            )
-        return proc.stdout
+    # -- the FUSE daemons, through the mounter --------------------------------------
+    def _mounter_failed(self, exc: MounterError, what: str) -> CsiError:
+        code = MOUNTER_CODES.get(exc.code, grpc.StatusCode.INTERNAL)
+        if exc.code == "unavailable":
+            return CsiError(code, f"cannot {what}: {exc.message} (docs/restart.md)")
+        return CsiError(code, f"cannot {what}: the mounter says: {exc.message}")
 
     def _mount_staging(self, rec: VolumeRecord) -> None:
-        """Start the volume's FUSE daemon at its (empty, unmounted) staging path."""
+        """Have the mounter start the volume's daemon at its (empty, unmounted) staging path."""
         path = rec.staging_path
-        ro = ["--read-only"] if rec.read_only else []
-        out = self._fusedrive("--json", "mount", *ro, "--", rec.volume_id, path)
+        try:
+            info, existing = self.mounter.start(rec.volume_id, path, rec.read_only)
+        except MounterError as exc:
+            raise self._mounter_failed(exc, f"mount volume {rec.volume_id!r}") from None
         entry = mounts.find_mount(path)
         if entry is None or entry.source != fuse_source(rec.volume_id):
-            raise CsiError(grpc.StatusCode.INTERNAL, f"fusedrive mount left no mount at {path}")
-        rec.staging_dev = entry.dev
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            log.info(
-                "event=staged volume=%s path=%s pid=%s dev=%s",
-                rec.volume_id,
-                path,
-                json.loads(out)["pid"],
-                entry.dev,
+            raise CsiError(grpc.StatusCode.INTERNAL, f"the mounter left no mount at {path}")
+        if info.dev and entry.dev != info.dev:
+            raise CsiError(
+                grpc.StatusCode.INTERNAL,
+                f"the mount at {path} ({entry.dev}) is not the one the mounter serves ({info.dev})",
             )
-        self._watch(rec)
+        rec.staging_dev = entry.dev
+        log.info(
+            "event=staged volume=%s path=%s pid=%d dev=%s existing=%s",
+            rec.volume_id,
+            path,
+            info.pid,
+            entry.dev,
+            existing,
+        )
+        self._watch(rec, info)
 
-    def _daemon(self, rec: VolumeRecord) -> MountRecord | None:
-        """The mount record of the live daemon serving ``rec``'s staging path, if any."""
-        from fusedrive.daemon import live_mounts
+    def _daemon(self, rec: VolumeRecord) -> DaemonInfo | None:
+        """The live daemon the mounter runs for ``rec`` at its staging path, if any.
 
+        UNAVAILABLE when the mounter does not answer: not knowing is never taken for
+        "dead", so a live mount is never mounted again for want of an answer.
+        """
+        try:
+            daemons = self.mounter.daemons()
+        except MounterError as exc:
+            raise self._mounter_failed(exc, "ask the mounter") from None
         real = os.path.realpath(rec.staging_path)
-        for drec in live_mounts(self.plugin.config.store_path.absolute()):
-            if drec.name == rec.volume_id and drec.mountpoint in (rec.staging_path, real):
-                return drec
+        for d in daemons:
+            if d.volume == rec.volume_id and d.path in (rec.staging_path, real):
+                return d
         return None
 
     def _live(self, rec: VolumeRecord) -> bool:
-        """Our FUSE mount is at staging and its daemon runs (kernel-cached attributes can
-        make a dead mount's root stat fine for a while, so the daemon is checked too)."""
-        return (
-            staging_verdict(rec).held is Held.OURS
-            and mounts.is_healthy(rec.staging_path)
-            and self._daemon(rec) is not None
-        )
+        """Our FUSE mount is at staging and the mounter runs its daemon (kernel-cached
+        attributes can make a dead mount's root stat fine for a while, so the daemon is
+        checked too), and it is the daemon of that very mount (same device number)."""
+        staged = staging_verdict(rec)
+        if staged.held is not Held.OURS or not mounts.is_healthy(rec.staging_path):
+            return False
+        d = self._daemon(rec)
+        return d is not None and (not d.dev or staged.entry is None or d.dev == staged.entry.dev)
 
-    def _watch(self, rec: VolumeRecord) -> None:
-        """Watch the live daemon serving ``rec``'s staging mount (from its mount record)."""
-        drec = self._daemon(rec)
-        if drec is not None and self.watcher.watch(rec.volume_id, drec.pid, drec.starttime):
+    def _watch(self, rec: VolumeRecord, info: DaemonInfo | None = None) -> None:
+        """Rely on the live daemon serving ``rec``'s staging mount: its death starts a heal."""
+        try:
+            d = info or self._daemon(rec)
+        except CsiError as exc:
+            log.warning("event=daemon_unknown volume=%s error=%s", rec.volume_id, exc.message)
+            d = None
+        if d is not None and self.watcher.watch(rec.volume_id, d.pid):
             return
         log.warning("event=daemon_not_found volume=%s path=%s", rec.volume_id, rec.staging_path)
         self._schedule_heal(rec.volume_id, HEAL_RETRY_SECONDS)
 
+    def _mounter_hello(self, daemons: list[DaemonInfo]) -> None:
+        """The mounter (re)connected: a staged volume it does not serve is brought back,
+        and one it serves that nobody watches is looked at (a heal of a live volume only
+        adopts it)."""
+        live = {(d.volume, d.path) for d in daemons}
+        for rec in self.plugin.state.all():
+            if not rec.staging_path or self.watcher.pid_of(rec.volume_id) is not None:
+                continue
+            real = os.path.realpath(rec.staging_path)
+            there = (rec.volume_id, rec.staging_path) in live or (rec.volume_id, real) in live
+            log.info("event=mounter_hello volume=%s served=%s", rec.volume_id, there)
+            self._schedule_heal(rec.volume_id, 0 if there else self.plugin.config.heal_delay)
+
     def _our_loops(self, rec: VolumeRecord) -> list[str]:
-        """Every loop device attached to ``rec``'s image path (a dead mount's included)."""
+        """Every loop device attached to ``rec``'s image: by its path (a dead mount's
+        included), or by the file system it lives on, our staging mount (a device
+        attached by an earlier plugin, whose mount namespace is gone, shows its backing
+        file as ``/disk.img``)."""
         if not rec.block or not rec.staging_path:
             return []
         image = os.path.join(rec.staging_path, IMAGE_NAME)
         backs = {image, os.path.realpath(image)}
-        return [d.name for d in loopdev.list_devices() if d.backing_file in backs]
+        return [
+            d.name
+            for d in loopdev.list_devices()
+            if d.backing_file in backs or (rec.staging_dev and d.backing_dev == rec.staging_dev)
+        ]
 
     def _attach_loop(self, rec: VolumeRecord) -> None:
         image = os.path.join(rec.staging_path, IMAGE_NAME)
@@ -232,7 +287,12 @@ class Node(csi_pb2_grpc.NodeServicer):
             rec.loop_device = ""
             if verdict.held is Held.OURS:
                 if mounts.is_healthy(rec.staging_path):
-                    self._fusedrive("umount", "--", rec.staging_path)
+                    try:
+                        self.mounter.stop(rec.staging_path)
+                    except MounterError as exc:
+                        raise self._mounter_failed(
+                            exc, f"unmount volume {rec.volume_id!r}"
+                        ) from None
                 else:
                     mounts.unmount(rec.staging_path)
         except BaseException:

@@ -13,9 +13,11 @@ propagation; ``SharedDir`` makes a private directory under /tmp a shared bind mo
 itself, and everything a test mounts lives below it. ``/proc`` is made private in the
 new namespace before a fresh proc is mounted over it, so nothing of it reaches the host.
 
-Invariant: ``SharedDir.cleanup`` removes every mount below the directory (deepest first,
-lazily: a FUSE mount whose daemon died answers ENOTCONN), detaches every loop device
-whose backing file is below it, then the bind mount itself; processes are ended only
+Invariant: ``SharedDir.cleanup`` detaches every loop device over a file below the
+directory (call ``detach_loops`` earlier too, while the FUSE daemons still live: only
+then can a device attached from a dead mount namespace be told apart), removes every
+mount below it (deepest first, lazily: a FUSE mount whose daemon died answers
+ENOTCONN), then the bind mount itself; processes are ended only
 by the PIDs the test started or was told (``NsProcess``, ``kill_pid``).
 """
 
@@ -120,21 +122,40 @@ class SharedDir:
         subprocess.run(["mount", "--bind", str(self.path), str(self.path)], check=True)
         subprocess.run(["mount", "--make-shared", str(self.path)], check=True)
 
-    def cleanup(self) -> list[str]:
-        """Remove every mount and loop device below; returns what could not be removed."""
-        problems: list[str] = []
+    def loops(self) -> list[str]:
+        """Loop devices over a file below: by its path, or by the file system it is on.
+
+        A device attached from a mount namespace that is gone names its backing file
+        by the path inside that detached mount (``/disk.img``), so the file system's
+        device number (that of a mount below) is what finds it; it can be read only
+        while the file system's daemon lives: call this before ending the daemons.
+        """
         base = str(self.path)
+        devs = {dev for _mp, _fstype, dev in mounts_below(self.path)}
+        found = []
         with contextlib.suppress(subprocess.CalledProcessError, ValueError, OSError):
             out = subprocess.run(
-                ["losetup", "--json", "--list", "--output", "NAME,BACK-FILE"],
+                ["losetup", "--json", "--list", "--output", "NAME,BACK-FILE,BACK-MAJ:MIN"],
                 capture_output=True,
                 text=True,
                 check=True,
             ).stdout
             for dev in json.loads(out or '{"loopdevices": []}').get("loopdevices", []):
                 back = (dev.get("back-file") or "").removesuffix(" (deleted)")
-                if back.startswith(base + "/"):
-                    subprocess.run(["losetup", "--detach", dev["name"]], capture_output=True)
+                on = str(dev.get("back-maj:min") or "").strip()
+                if back.startswith(base + "/") or on in devs:
+                    found.append(dev["name"])
+        return found
+
+    def detach_loops(self) -> None:
+        for name in self.loops():
+            subprocess.run(["losetup", "--detach", name], capture_output=True)
+
+    def cleanup(self) -> list[str]:
+        """Remove every mount and loop device below; returns what could not be removed."""
+        problems: list[str] = []
+        base = str(self.path)
+        self.detach_loops()
         for _ in range(5):
             inner = [m for m in mounts_below(self.path) if m[0] != base]
             if not inner:

@@ -98,6 +98,7 @@ class MounterEnv:
             return "(no log)"
 
     def close(self) -> list[str]:
+        self.shared.detach_loops()
         for m in self.mounters:
             if m.alive():
                 m.kill()
