@@ -110,6 +110,22 @@ def detach(device: str) -> None:
     log.info("event=loop_detached device=%s", device)
 
 
+def diskseq(device: str) -> int | None:
+    """The kernel's sequence number of ``device``'s current attachment (None if detached).
+
+    It grows with every attachment of any disk, so ``(device, diskseq)`` names one
+    attachment: a device detached and attached again to something else has another.
+    """
+    name = os.path.basename(device)
+    try:
+        if not os.path.exists(f"/sys/block/{name}/loop/backing_file"):
+            return None
+        with open(f"/sys/block/{name}/diskseq") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def refresh_size(device: str) -> None:
     """Make the loop device see its backing file's new size (online expansion)."""
     _losetup([f"--set-capacity={device}"])

@@ -258,16 +258,32 @@ class Node(csi_pb2_grpc.NodeServicer):
             return []
         image = os.path.join(rec.staging_path, IMAGE_NAME)
         backs = {image, os.path.realpath(image)}
-        return [
+        found = [
             d.name
             for d in loopdev.list_devices()
             if d.backing_file in backs or (rec.staging_dev and d.backing_dev == rec.staging_dev)
         ]
+        # A device over a dead mount's image: only its recorded attachment names it.
+        found += [e.rpartition("@")[0] for e in self._attached(rec)]
+        return sorted(set(found))
 
     def _attach_loop(self, rec: VolumeRecord) -> None:
         image = os.path.join(rec.staging_path, IMAGE_NAME)
         self._fit_image(rec.volume_id, image)
         rec.loop_device = loopdev.attach(image, read_only=rec.read_only).name
+        seq = loopdev.diskseq(rec.loop_device)
+        if seq is not None and f"{rec.loop_device}@{seq}" not in rec.loops:
+            rec.loops = [*self._attached(rec), f"{rec.loop_device}@{seq}"]
+
+    @staticmethod
+    def _attached(rec: VolumeRecord) -> list[str]:
+        """The entries of ``rec.loops`` whose attachment still exists."""
+        out = []
+        for entry in rec.loops:
+            name, _, seq = entry.rpartition("@")
+            if seq.isdigit() and loopdev.diskseq(name) == int(seq):
+                out.append(entry)
+        return out
 
     def _fit_image(self, volume_id: str, image: str) -> None:
         """Grow the block image to the volume's capacity (after an expansion)."""
@@ -285,6 +301,7 @@ class Node(csi_pb2_grpc.NodeServicer):
             for dev in self._our_loops(rec):
                 loopdev.detach(dev)  # one still held open is detached when released
             rec.loop_device = ""
+            rec.loops = self._attached(rec)  # the held ones, to try again later
             if verdict.held is Held.OURS:
                 if mounts.is_healthy(rec.staging_path):
                     try:
@@ -713,6 +730,11 @@ class Node(csi_pb2_grpc.NodeServicer):
                 ident = retired_identity(rec)
                 if ident not in rec.retired:
                     rec.retired = [*rec.retired, ident][-MAX_RETIRED:]
+                if rec.volume_id not in self._died:
+                    # Published over a dead daemon that no watch reported (it died while
+                    # no plugin ran): a death all the same, for the condition and metrics.
+                    self._died[rec.volume_id] = time.time()
+                    self.events.daemon_died(rec.volume_id)
             self._unmount_staging(rec)
             self._mount_staging(rec)
             self.plugin.state.put(rec)  # the new device number, before any bind uses it
@@ -779,6 +801,10 @@ class Node(csi_pb2_grpc.NodeServicer):
             return
         with self.plugin.operation(rec.volume_id):
             self._restore(rec)
+        if self._died.pop(rec.volume_id, None) is not None:
+            self._healed[rec.volume_id] = time.time()
+            self.events.daemon_healed(rec.volume_id, True)
+            log.warning("event=daemon_healed volume=%s at=recovery", rec.volume_id)
         log.info("event=recovered volume=%s", rec.volume_id)
 
     # -- healing a volume whose daemon died ---------------------------------------------

@@ -12,6 +12,11 @@ Record fields:
 - ``staging_dev``: the device number (``major:minor`` in mountinfo) of the FUSE
   mount we made at the staging path; a target bind of it shows the same number,
   which is how ``ownership.py`` tells our binds from anything else;
+- ``loops``: every loop device attached for this volume that may still be
+  attached, as ``/dev/loopN@DISKSEQ`` (the kernel's sequence number of that
+  attachment, so a device number reused by another attachment is never taken for
+  ours): once the mount under a device has died, ``losetup`` can name neither its
+  backing file's path nor its file system, and this is how it is found and detached;
 - ``retired``: what earlier staging mounts of this volume were, whose daemons died
   (``dev:MAJ:MIN`` of the FUSE mount, ``loop:/dev/loopN`` of a block volume's
   device): healing stacks a fresh bind over a target's dead one, and the dead
@@ -42,6 +47,7 @@ class VolumeRecord:
     loop_device: str = ""
     staging_dev: str = ""
     retired: list[str] = field(default_factory=list)
+    loops: list[str] = field(default_factory=list)
     targets: dict[str, dict[str, bool]] = field(default_factory=dict)
     ephemeral: bool = False
 

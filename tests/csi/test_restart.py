@@ -28,10 +28,11 @@ from typing import Any
 
 import pytest
 
+from csi_frontend import loopdev
 from csi_frontend.client import CsiClient
 from csi_frontend.mounter import MounterClient, MounterError
 from csi_frontend.proto import csi_pb2
-from tests.nsutil import NsProcess, SharedDir, process_starttime
+from tests.nsutil import NsProcess, SharedDir, mounts_below, process_starttime
 
 pytestmark = [pytest.mark.needs_fuse, pytest.mark.needs_loop]
 
@@ -282,6 +283,14 @@ def loops_on(dev: str) -> list[str]:
     return sorted(d["name"] for d in devs if str(d.get("back-maj:min", "")).strip() == dev)
 
 
+def attachment(block_target: str) -> tuple[str, int | None]:
+    """The loop device bound at ``block_target`` and the sequence number of its attachment."""
+    rdev = os.stat(block_target).st_rdev
+    name = f"/dev/loop{os.minor(rdev)}"
+    assert os.major(rdev) == 7, block_target
+    return name, loopdev.diskseq(name)
+
+
 def check_data(fs_staging: str, block_target: str, n: int) -> None:
     log = (Path(fs_staging) / "log").read_bytes()
     assert log == b"".join(record(i) for i in range(n))
@@ -342,6 +351,7 @@ def run_restarts(node: Node, times: int) -> None:
             pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging),
         )
     assert MounterClient(node.msock).daemons() == []
+    assert mounts_below(node.kubelet) == []  # no dead layer left below a target either
     assert loops_on(blk_dev) == []
 
 
@@ -376,3 +386,71 @@ def test_the_plugin_waits_for_a_mounter_that_is_not_there_yet(node: Node) -> Non
         "NodeUnstageVolume", pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging)
     )
     assert fuse_dev(staging) is None
+
+
+@pytest.mark.parametrize("plugin_down", [False, True], ids=["plugin-up", "plugin-down"])
+def test_a_mounter_upgrade_as_documented_loses_nothing_written(
+    node: Node, plugin_down: bool
+) -> None:
+    """The mounter replaced without a drain (docs/restart.md): its daemons store what
+    they hold and end; the plugin mounts every volume again through the new mounter and
+    stacks fresh binds on the targets, where new opens see all the data. With
+    ``plugin_down`` the plugin is killed too and comes back only after the new mounter:
+    the loop device it attached from its dead mount namespace, over a dead mount, can
+    then be found only by the attachment the node state recorded."""
+    node.start_mounter()
+    node.start_plugin()
+    fs_vid, fs_staging, fs_target = node.publish("fsvol", block=False)
+    blk_vid, blk_staging, blk_target = node.publish("blkvol", block=True)
+    before = {d.volume: d.pid for d in MounterClient(node.msock).daemons()}
+    first_loop = attachment(blk_target)
+    payload = os.urandom(3 * MiB)
+    (Path(fs_target) / "unsynced").write_bytes(payload)  # buffered in the daemon only
+    blocks = os.urandom(MiB)
+    fd = os.open(blk_target, os.O_RDWR)
+    try:
+        os.pwrite(fd, blocks, 8 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+    assert node.mounter is not None
+    if plugin_down:
+        node.kill_plugin()
+    assert node.mounter.terminate(timeout=90) == 0, node.tail("mounter")
+    node.start_mounter()
+    if plugin_down:
+        node.start_plugin()
+    deadline = time.monotonic() + 90
+    while not (node.healthy(fs_vid, fs_target) and node.healthy(blk_vid, blk_target)):
+        assert time.monotonic() < deadline, node.tail("plugin")
+        time.sleep(0.2)
+    after = {d.volume: d.pid for d in MounterClient(node.msock).daemons()}
+    assert set(after) == {fs_vid, blk_vid} and not set(after.values()) & set(before.values())
+    assert (Path(fs_target) / "unsynced").read_bytes() == payload
+    second_loop = attachment(blk_target)  # the fresh bind over the dead one
+    assert second_loop != first_loop
+    with open(blk_target, "rb") as f:
+        f.seek(8 * MiB)
+        assert f.read(MiB) == blocks
+    resp = node.call(
+        "NodeGetVolumeStats", pb.NodeGetVolumeStatsRequest(volume_id=fs_vid, volume_path=fs_target)
+    )
+    assert "died" in resp.volume_condition.message  # a pod that held files open must restart
+
+    for vid, staging, target in (
+        (fs_vid, fs_staging, fs_target),
+        (blk_vid, blk_staging, blk_target),
+    ):
+        node.call(
+            "NodeUnpublishVolume", pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target)
+        )
+        node.call(
+            "NodeUnstageVolume",
+            pb.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=staging),
+        )
+    assert MounterClient(node.msock).daemons() == []
+    assert mounts_below(node.kubelet) == []  # no dead layer left below a target either
+    # Neither the device over the dead mount's image nor the new one is left attached.
+    for name, seq in (first_loop, second_loop):
+        assert loopdev.diskseq(name) != seq, f"{name} (attachment {seq}) was left attached"
