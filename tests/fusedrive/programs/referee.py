@@ -8,8 +8,8 @@ own integrity check (``pg_amcheck``, ``PRAGMA integrity_check``, ``git fsck``,
 ``tar --compare``, ``rsync --checksum``) must pass on both.
 
 A ``Site`` is one of the two places. ``Site.cycle()`` unmounts and mounts the
-fusedrive volume again (data must survive it); on the plain directory it only
-syncs. Plain directories live in /tmp with mode 0755 (so the ``postgres`` user can
+fusedrive volume again (data must survive it); on the plain directory it does
+nothing. Plain directories live in /tmp with mode 0755 (so the ``postgres`` user can
 reach them) and are removed by the fixture that made them.
 """
 
@@ -43,11 +43,9 @@ class Site:
     mount: Callable[[], None] | None = None
 
     def cycle(self) -> None:
-        """Unmount and mount again (fusedrive); data must survive it."""
+        """Unmount and mount again (fusedrive; nothing on the referee): data must survive."""
         if self.remount is not None:
             self.remount()
-        else:
-            os.sync()
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.root}"
@@ -185,16 +183,17 @@ def differences(want: Mapping[str, Entry], got: Mapping[str, Entry], limit: int 
 
 
 def assert_same_tree(
-    want: Mapping[str, Entry], got: Mapping[str, Entry], what: str = "trees"
+    want: Mapping[str, Entry],
+    got: Mapping[str, Entry],
+    what: str = "trees",
+    sides: str = "referee, fusedrive",
 ) -> None:
     diff = differences(want, got)
     total = sum(1 for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-    assert not diff, f"{what} differ at {total} paths (referee first, then fusedrive):\n" + (
-        "\n".join(diff)
-    )
+    assert not diff, f"{what}: {total} paths differ (want: {sides}):\n" + "\n".join(diff)
 
 
-def diff_r(a: Path, b: Path) -> None:
+def diff_r(a: Path, b: Path, *opts: str) -> None:
     """``diff -r`` (symlinks compared as links) must find no difference."""
-    p = run(["diff", "-r", "--no-dereference", a, b], check=False)
+    p = run(["diff", "-r", "--no-dereference", *opts, a, b], check=False)
     assert p.returncode == 0, f"diff -r {a} {b}:\n{p.stdout[-4000:]}{p.stderr[-2000:]}"
