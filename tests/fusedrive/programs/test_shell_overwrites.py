@@ -2,11 +2,12 @@
 
 Each pattern is a shell set-up and an action (``>``, ``>>``, ``cp`` over a longer
 file, ``mv`` over a file, ``sed -i``, ``truncate -s``, ``dd conv=notrunc``, ...),
-played by bash in a fresh directory of each site. Files are longer than a chunk
-(64 KiB), so overwrites cross chunk boundaries. The action runs either right after
-the set-up ("fresh": the old file is still in the daemon's buffers) or after a
-remount ("settled": it is in the store). The directory must then hold the same
-names, bytes and modes as on the referee, both before and after another remount.
+played by bash in two directories of each site. Files are longer than a chunk
+(64 KiB), so overwrites cross chunk boundaries. In "fresh" the action runs right
+after the set-up (the old file is still in the daemon's buffers), in "settled"
+after a remount (it is in the store). Each directory must then hold the same
+names, types, bytes, modes and link targets as on the referee, both before and
+after another remount (times are the runs' own, so they are left out).
 """
 
 from __future__ import annotations
@@ -42,6 +43,25 @@ PATTERNS: dict[str, tuple[str, str]] = {
     "dd-seek-truncates": (
         f"{LONG}; head -c 5000 /dev/zero | tr '\\0' y > p",
         "dd if=p of=f bs=1000 seek=3 status=none",
+    ),
+    "exec-script": ("printf '#!/bin/sh\\necho ran \"$@\" > out\\n' > s; chmod 755 s", "./s a b"),
+    "mv-dir": ("mkdir -p a/b c; echo x > a/b/f; echo y > a/g", "mv a c/; mv c/a/b c/b2"),
+    "ln-sf-and-hard-link-append": (
+        "echo 1 > t1; echo 2 > t2; ln -s t1 l",
+        "ln -sf t2 l; ln -f t1 h; echo more >> h",
+    ),
+    "install-over": (f"{LONG}; echo new > n", "install -m 750 n f"),
+    "rm-rf-and-recreate": (
+        "mkdir -p d/e/f; seq 1 9999 > d/e/f/g",
+        "rm -rf d; mkdir d; echo z > d/f",
+    ),
+    "rewrite-and-ftruncate": (
+        LONG,
+        "python3 -c \"f = open('f', 'r+'); f.seek(100000); f.write('abc'); f.truncate()\"",
+    ),
+    "posix-fallocate": (
+        LONG,
+        "python3 -c \"import os; os.posix_fallocate(os.open('f', os.O_RDWR), 0, 1 << 20)\"",
     ),
     "dd-notrunc-past-end": (
         "echo short > f; head -c 70000 /dev/zero | tr '\\0' z > p",
