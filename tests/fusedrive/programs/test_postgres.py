@@ -98,7 +98,15 @@ class Cluster:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             ready = run(
-                [self.bin / "pg_isready", "-h", self.rundir, "-p", str(self.port), "-q"],
+                [
+                    self.bin / "pg_isready",
+                    "-h",
+                    self.rundir,
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    "postgres",
+                ],
                 check=False,
             )
             if ready.returncode == 0:

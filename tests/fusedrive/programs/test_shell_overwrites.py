@@ -55,6 +55,10 @@ PATTERNS: dict[str, tuple[str, str]] = {
         "mkdir -p d/e/f; seq 1 9999 > d/e/f/g",
         "rm -rf d; mkdir d; echo z > d/f",
     ),
+    "rm-rf-big-dir": (
+        "mkdir d e; (cd d && seq 1 3000 | xargs touch); cp -r d e/",
+        "rm -rf d; find e -delete",
+    ),
     "rewrite-and-ftruncate": (
         LONG,
         "python3 -c \"f = open('f', 'r+'); f.seek(100000); f.write('abc'); f.truncate()\"",
