@@ -59,6 +59,11 @@ PATTERNS: dict[str, tuple[str, str]] = {
         "mkdir d e; (cd d && seq 1 3000 | xargs touch); cp -r d e/",
         "rm -rf d; find e -delete",
     ),
+    "chown-clears-setuid": ("echo x > f; chmod 6755 f", "chown 1234:1234 f"),
+    "write-by-other-user-clears-setuid": (
+        "echo x > f; chmod 6777 f",
+        "runuser -u nobody -- sh -c 'echo y >> f'",
+    ),
     "rewrite-and-ftruncate": (
         LONG,
         "python3 -c \"f = open('f', 'r+'); f.seek(100000); f.write('abc'); f.truncate()\"",
