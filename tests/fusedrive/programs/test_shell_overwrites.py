@@ -56,7 +56,7 @@ PATTERNS: dict[str, tuple[str, str]] = {
         "rm -rf d; mkdir d; echo z > d/f",
     ),
     "rm-rf-big-dir": (
-        "mkdir d e; (cd d && seq 1 3000 | xargs touch); cp -r d e/",
+        "mkdir d e; (cd d && seq 1 500 | xargs touch); cp -r d e/",
         "rm -rf d; find e -delete",
     ),
     "chown-clears-setuid": ("echo x > f; chmod 6755 f", "chown 1234:1234 f"),
