@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,26 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def xattrs_of(path: Path) -> tuple[tuple[str, bytes], ...]:
+ACL_ACCESS = "system.posix_acl_access"
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions, id (after a 4-byte version header)
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER = 0x01, 0x04, 0x20
+
+
+def acl_says_only_mode(acl: bytes, mode: int) -> bool:
+    """An access ACL of just owner, group and other entries, equal to ``mode``'s bits:
+    Linux filesystems do not store one (getfacl shows the same either way)."""
+    body = acl[4:]
+    if len(body) != 3 * _ACL_ENTRY.size:
+        return False
+    entries = {tag: perm for tag, perm, _ in _ACL_ENTRY.iter_unpack(body)}
+    return entries == {
+        _ACL_USER_OBJ: (mode >> 6) & 7,
+        _ACL_GROUP_OBJ: (mode >> 3) & 7,
+        _ACL_OTHER: mode & 7,
+    }
+
+
+def xattrs_of(path: Path, mode: int) -> tuple[tuple[str, bytes], ...]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
@@ -96,9 +116,12 @@ def xattrs_of(path: Path) -> tuple[tuple[str, bytes], ...]:
     out = []
     for n in sorted(names):
         try:
-            out.append((n, os.getxattr(path, n, follow_symlinks=False)))
+            value = os.getxattr(path, n, follow_symlinks=False)
         except OSError as e:
-            out.append((n, f"<{e.strerror}>".encode()))
+            value = f"<{e.strerror}>".encode()
+        if n == ACL_ACCESS and acl_says_only_mode(value, mode):
+            continue
+        out.append((n, value))
     return tuple(out)
 
 
@@ -155,7 +178,7 @@ def manifest(
                 size=size,
                 content=content,
                 nlink=nlink,
-                xattrs=xattrs_of(p) if xattrs else (),
+                xattrs=xattrs_of(p, st.st_mode) if xattrs else (),
             )
     return out
 
