@@ -138,6 +138,21 @@ def content(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+@contextlib.contextmanager
+def as_user(uid: int) -> Iterator[None]:
+    """Act as ``uid`` (group ``uid``, no supplementary groups) in this process."""
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
 # -- one side's view of the example tree ---------------------------------------------------------
 @dataclass(frozen=True)
 class Meta:
@@ -548,6 +563,55 @@ class Oracle(RuleBasedStateMachine):
         else:
             self.both(what, op)
 
+    # -- as another user ---------------------------------------------------------------------
+    @rule(
+        uid=st.sampled_from([1000, 65534]),
+        what=st.sampled_from(["create", "write", "truncate", "chmod", "mkdir", "unlink"]),
+        path=P,
+        mode=FILE_MODES,
+        own=st.sampled_from([None, "user", "user:root"]),
+    )
+    def as_user(self, uid: int, what: str, path: str, mode: int, own: str | None) -> None:
+        """One call as an unprivileged user (group = uid, no supplementary groups):
+        the kernel's permission checks, and the set-ID bits it clears on writes,
+        truncates and chmods by a non-member, go through FUSE differently.
+
+        ``own``: root first gives the file (or, to create or unlink, its directory)
+        to the user, with the user's group or root's.
+        """
+        if own is not None:
+            target = path if what in ("write", "truncate", "chmod") else os.path.dirname(path)
+            gid = uid if own == "user" else 0
+            self.both(
+                f"lchown({target!r}, {uid}, {gid})",
+                lambda s: os.lchown(self.p(s, target), uid, gid),
+            )
+
+        def op(side: int) -> object:
+            p = self.p(side, path)
+            with as_user(uid):
+                if what == "create":
+                    fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_NONBLOCK, mode)
+                    try:
+                        return os.write(fd, b"by user")
+                    finally:
+                        os.close(fd)
+                if what == "write":
+                    fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)
+                    try:
+                        return os.pwrite(fd, b"x", 1)
+                    finally:
+                        os.close(fd)
+                if what == "truncate":
+                    return os.truncate(p, 3)
+                if what == "chmod":
+                    return os.chmod(p, mode)
+                if what == "mkdir":
+                    return os.mkdir(p, mode & 0o7777)
+                return os.unlink(p)
+
+        self.both(f"as uid {uid}: {what}({path!r}, {mode:o})", op)
+
     # -- open files --------------------------------------------------------------------------
     def fd(self, i: int, side: int) -> int:
         fu, ext, _ = self.fds[i % len(self.fds)]
@@ -652,6 +716,7 @@ class Oracle(RuleBasedStateMachine):
 def ext4_dir(size: int = 256 * MiB) -> Iterator[Path]:
     """ext4 on a loop device made here, mounted relatime; all released after."""
     work = Path(tempfile.mkdtemp(prefix="fusedrive-oracle-"))
+    os.chmod(work, 0o755)  # other users act in the example too (``as_user``)
     image, mp = work / "ext4.img", work / "mnt"
     mp.mkdir()
     dev = None
