@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from fusedrive import Filesystem
 from fusedrive.schema import ROOT_INO
 
 if TYPE_CHECKING:
-    from conftest import Csi, PluginProcess
+    from conftest import Csi
 
 Code = grpc.StatusCode
 MiB = 1 << 20
@@ -217,41 +219,31 @@ def test_get_and_delete_check_the_member_snapshot_ids(csi: Csi) -> None:
     csi.call("DeleteVolumeGroupSnapshot", delete_req(group, list(reversed(sids))))
 
 
-def test_a_store_down_to_its_reserve_refuses_with_resource_exhausted(
-    new_plugin: Callable[..., PluginProcess],
-) -> None:
-    from conftest import Csi
-
-    p = new_plugin()
-    csi = Csi(p)
+def test_a_store_down_to_its_reserve_refuses_with_resource_exhausted(csi: Csi) -> None:
     vols = [csi.create_volume(size=8 * MiB).volume_id for _ in range(2)]
-    vfs = os.statvfs(p.store)
-    with Store(p.store, create=False) as store:
+    name = csi.unique("full")
+    req = pb.CreateVolumeGroupSnapshotRequest(name=name, source_volume_ids=vols)
+    vfs = os.statvfs(csi.plugin.store)
+    with csi.open_store() as store:
         store.set_reserve(vfs.f_blocks * vfs.f_frsize)  # all of it: no room is left
-    req = pb.CreateVolumeGroupSnapshotRequest(name="full", source_volume_ids=vols)
-    err = csi.error("CreateVolumeGroupSnapshot", req, Code.RESOURCE_EXHAUSTED)
-    assert "reserve" in err.details()
-    with Store(p.store, create=False) as store:
-        assert store.list_group_snapshots() == [] and store.list_snapshots() == []
-        store.set_reserve(0)  # back to the default: room again
+        try:
+            err = csi.error("CreateVolumeGroupSnapshot", req, Code.RESOURCE_EXHAUSTED)
+            assert "reserve" in err.details()
+            assert name not in {g.name for g in store.list_group_snapshots()}
+            assert {s.volume for s in store.list_snapshots()}.isdisjoint(vols)
+        finally:
+            store.set_reserve(0)  # back to the default: room again
     assert len(csi.call("CreateVolumeGroupSnapshot", req).group_snapshot.snapshots) == 2
 
 
-def test_fusedrive_csi_call_reaches_the_group_controller(
-    new_plugin: Callable[..., PluginProcess],
-) -> None:
-    import subprocess
-    import sys
-
-    from conftest import Csi
-
-    p = new_plugin()
-    vols = [Csi(p).create_volume(size=8 * MiB).volume_id for _ in range(2)]
+def test_fusedrive_csi_call_reaches_the_group_controller(csi: Csi) -> None:
+    vols = [csi.create_volume(size=8 * MiB).volume_id for _ in range(2)]
+    name = csi.unique("cli")
     exe = Path(sys.executable).parent / "fusedrive-csi"
     body = json.dumps({"source_volume_ids": vols})
-    argv = ["call", "CreateVolumeGroupSnapshot", "--name", "g1", "--json", body]
+    argv = ["call", "CreateVolumeGroupSnapshot", "--name", name, "--json", body]
     res = subprocess.run(
-        [str(exe), *argv, "--endpoint", p.endpoint],
+        [str(exe), *argv, "--endpoint", csi.plugin.endpoint],
         capture_output=True,
         text=True,
         timeout=60,
@@ -259,7 +251,7 @@ def test_fusedrive_csi_call_reaches_the_group_controller(
     )
     assert res.returncode == 0, res.stderr
     group = json.loads(res.stdout)["group_snapshot"]
-    assert group["group_snapshot_id"] == "g1"
+    assert group["group_snapshot_id"] == name
     assert sorted(s["source_volume_id"] for s in group["snapshots"]) == sorted(vols)
 
 
