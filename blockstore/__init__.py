@@ -2,12 +2,12 @@
 
 Public surface: ``Store`` (open a store directory), ``View`` and ``Batch`` (a
 volume head or snapshot key space and a write transaction on it), the records
-``VolumeInfo`` and ``SnapshotInfo``, ``ChunkRef`` and the exceptions.
+``VolumeInfo``, ``SnapshotInfo`` and ``GroupInfo``, ``ChunkRef`` and the exceptions.
 """
 
 from __future__ import annotations
 
-from .catalog import MODE_BLOCK, MODE_FILESYSTEM, SnapshotInfo, VolumeInfo
+from .catalog import MODE_BLOCK, MODE_FILESYSTEM, GroupInfo, SnapshotInfo, VolumeInfo
 from .chunks import HOLE, MAX_CHUNK_SIZE, PreparedChunk
 from .errors import (
     AlreadyExists,
@@ -36,6 +36,7 @@ __all__ = [
     "ChunkRef",
     "Corrupt",
     "FsckReport",
+    "GroupInfo",
     "InvalidArgument",
     "NoSpace",
     "NotFound",

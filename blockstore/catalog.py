@@ -7,7 +7,9 @@ Databases:
 ``vstate``     name -> struct ``>QQ``: head layer id, logical bytes used. Read by
                every view operation, so it is kept small and fixed-size.
 ``snapshots``  name -> JSON ``SnapshotInfo`` (the frozen layer, the source volume,
-               the logical size at the moment it was cut, creation time).
+               the logical size at the moment it was cut, creation time, and the
+               group snapshot it belongs to, if any).
+``groups``     name -> JSON ``GroupInfo``: a group snapshot (see ``GroupInfo``).
 
 Volumes and snapshots share one name space: creating a volume (or clone) named
 like a snapshot, or a snapshot named like a volume, is refused (``refuse_other_kind``,
@@ -20,6 +22,7 @@ become a file name or a path component.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -90,13 +93,64 @@ class SnapshotInfo:
     mode: str = MODE_FILESYSTEM
     parameters: dict[str, str] = field(default_factory=dict)
     created: float = 0.0
+    group: str = ""  # the group snapshot this snapshot is a member of ("": none)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        if not d["group"]:
+            del d["group"]  # records of plain snapshots stay as they always were
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SnapshotInfo:
+        return cls(**_load(raw))
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """A group snapshot: snapshots of several volumes cut in ONE write transaction.
+
+    Record (``groups`` database, JSON): ``name``; ``volumes``, the source volumes in
+    the order given at creation; ``snapshots``, the member snapshot names in the same
+    order (``member_name(name, volume)``); ``created``, the one creation time every
+    member also carries. Invariants: the group record and all its member snapshot
+    records are written together and deleted together (``Store.create_group_snapshot``,
+    ``Store.delete_group_snapshot``); each member's ``SnapshotInfo.group`` names the
+    group, and a member cannot be deleted on its own. Because every member's head
+    was frozen in the same transaction, the members hold exactly the writes committed
+    before that transaction and none after it, on every volume alike.
+    """
+
+    name: str
+    volumes: tuple[str, ...]
+    snapshots: tuple[str, ...]
+    created: float = 0.0
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> SnapshotInfo:
-        return cls(**_load(raw))
+    def from_json(cls, raw: bytes) -> GroupInfo:
+        d = _load(raw)
+        try:
+            return cls(
+                name=d["name"],
+                volumes=tuple(d["volumes"]),
+                snapshots=tuple(d["snapshots"]),
+                created=float(d.get("created", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Corrupt("bad group snapshot record") from exc
+
+
+def member_name(group: str, volume: str) -> str:
+    """The name of ``group``'s snapshot of ``volume``: ``GROUP.VOLUME``, or a hash of
+    both when that would be longer than a name may be."""
+    name = f"{group}.{volume}"
+    if len(name) <= 128:
+        return name
+    digest = hashlib.sha256(f"{group}\0{volume}".encode()).hexdigest()[:40]
+    return f"{group[:80]}.{digest}"
 
 
 def _load(raw: bytes) -> dict[str, Any]:

@@ -10,6 +10,8 @@ Checks, from the entries up:
   without holders is queued for release;
 - each volume's logical usage equals the chunk bytes its head sees;
 - the space counters in ``meta`` equal the sums over the chunks;
+- every group snapshot lists member snapshots that exist and name it, and every
+  snapshot naming a group is one of its members (``catalog.GroupInfo``);
 - segment records count exactly the live chunk bytes of each segment file, and no
   segment record is kept without live chunks (except the active one). Segment
   files without live chunks and space a crash left un-punched are reported as
@@ -18,7 +20,9 @@ Checks, from the entries up:
 
 ``repair=True`` fixes what can be fixed without inventing data: reference counts
 (a lost record is rebuilt from the chunk it describes), orphaned chunks and index
-rows, holder counts, the release queue, usage and counters, segment records;
+rows, holder counts, the release queue, usage and counters, segment records,
+group records (a missing member leaves its group; a member of a missing group
+becomes a plain snapshot);
 it deletes dead segment files and punches out reclaimable space. Dangling references
 and corrupt chunks are reported, not removed: a read of them fails with an I/O
 error rather than returning wrong bytes.
@@ -34,6 +38,7 @@ every key that names it (``chunks.copy_is_sound``); nothing else can.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 from collections import Counter
@@ -43,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from . import chunks as ch
 from . import layers as ly
-from .catalog import SnapshotInfo, pack_vstate, unpack_vstate
+from .catalog import GroupInfo, SnapshotInfo, pack_vstate, unpack_vstate
 from .errors import Corrupt, NotFound
 
 if TYPE_CHECKING:
@@ -98,6 +103,7 @@ def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -
     try:
         _check(store, txn, rep, repair, progress)
         _check_damage(store, txn, rep, repair)
+        _check_groups(store, txn, rep, repair)
         _check_segments(store, txn, rep, repair, after)
         if repair:
             txn.commit()
@@ -109,6 +115,38 @@ def fsck(store: Store, repair: bool = False, progress: Progress | None = None) -
     for action in after:  # file changes only once the repaired records are durable
         action()
     return rep
+
+
+def _check_groups(store: Store, txn: object, rep: FsckReport, repair: bool) -> None:
+    """Group records and their members' ``group`` fields agree (``catalog.GroupInfo``)."""
+    import lmdb
+
+    assert isinstance(txn, lmdb.Transaction)
+    dbs = store.dbs
+    snaps = {
+        bytes(k).decode(): SnapshotInfo.from_json(bytes(v)) for k, v in txn.cursor(db=dbs.snapshots)
+    }
+    groups = [GroupInfo.from_json(bytes(v)) for v in txn.cursor(db=dbs.groups).iternext(keys=False)]
+    members = set()
+    for group in groups:
+        keep = [s for s in group.snapshots if s in snaps and snaps[s].group == group.name]
+        members.update(keep)
+        if len(keep) == len(group.snapshots):
+            continue
+        gone = sorted(set(group.snapshots) - set(keep))
+        rep.problems.append(f"group snapshot {group.name!r} lists missing members {gone}")
+        if repair:
+            vols = tuple(snaps[s].volume for s in keep)
+            fixed = GroupInfo(group.name, vols, tuple(keep), group.created)
+            txn.put(group.name.encode(), fixed.to_json(), db=dbs.groups)
+            rep.repaired += 1
+    for name, snap in snaps.items():
+        if snap.group and name not in members:
+            rep.problems.append(f"snapshot {name!r} names group {snap.group!r}, which lacks it")
+            if repair:
+                plain = dataclasses.replace(snap, group="")
+                txn.put(name.encode(), plain.to_json(), db=dbs.snapshots)
+                rep.repaired += 1
 
 
 def _read_record(store: Store, location: bytes) -> bytes:

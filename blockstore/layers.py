@@ -156,6 +156,7 @@ class Databases:
         self.volumes = env.open_db(b"volumes")
         self.vstate = env.open_db(b"vstate")
         self.snapshots = env.open_db(b"snapshots")
+        self.groups = env.open_db(b"groups")  # group snapshots: see catalog.GroupInfo
 
 
 def read_layer(txn: lmdb.Transaction, dbs: Databases, layer: int) -> LayerRecord:

@@ -44,9 +44,11 @@ from . import layers as ly
 from .catalog import (
     MODE_FILESYSTEM,
     MODES,
+    GroupInfo,
     SnapshotInfo,
     VolumeInfo,
     check_name,
+    member_name,
     pack_vstate,
     refuse_other_kind,
     unpack_vstate,
@@ -668,9 +670,101 @@ class Store:
         key = check_name(name, "snapshot name")
         with self._write() as t:
             snap = self._snapshot(t.txn, name)
+            if snap.group:
+                raise InvalidArgument(
+                    f"snapshot {name!r} belongs to group snapshot {snap.group!r}: "
+                    "delete the group snapshot instead"
+                )
             t.txn.delete(key, db=self.dbs.snapshots)
             t.add_holders(snap.layer, -1)
         log.info("event=snapshot_deleted snapshot=%s", name)
+
+    # -- group snapshots (catalog.GroupInfo) ----------------------------------------
+    def create_group_snapshot(
+        self, name: str, volumes: list[str]
+    ) -> tuple[GroupInfo, list[SnapshotInfo]]:
+        """Snapshot every volume of ``volumes`` in ONE write transaction, as group ``name``.
+
+        All members are cut at the same point of the store's history: a write committed
+        before the transaction is in every member it touched, one committed after it in
+        none. The same call again returns the existing group; the same name with another
+        set of volumes is ``AlreadyExists``; an unknown volume is ``NotFound`` and then
+        nothing is created.
+        """
+        key = check_name(name, "group snapshot name")
+        if not volumes:
+            raise InvalidArgument("a group snapshot needs at least one source volume")
+        for vol in volumes:
+            check_name(vol, "volume name")
+        if len(set(volumes)) != len(volumes):
+            raise InvalidArgument(f"source volumes are listed more than once: {volumes}")
+        with self._write() as t:
+            raw = t.txn.get(key, db=self.dbs.groups)
+            if raw is not None:
+                group = GroupInfo.from_json(raw)
+                if set(group.volumes) != set(volumes):
+                    raise AlreadyExists(
+                        f"group snapshot {name!r} exists for volumes {', '.join(group.volumes)}"
+                    )
+                return group, [self._snapshot(t.txn, s) for s in group.snapshots]
+            infos = [self._volume(t.txn, vol) for vol in volumes]
+            self._check_room(t.txn, f"group snapshot {name!r}")
+            created = time.time()
+            snaps = []
+            for info in infos:
+                sname = member_name(name, info.name)
+                skey = sname.encode()
+                if t.txn.get(skey, db=self.dbs.snapshots) is not None:
+                    raise AlreadyExists(f"a snapshot named {sname!r} exists already")
+                refuse_other_kind(t.txn, self.dbs.volumes, skey, "snapshot")
+                frozen = self._freeze_head(t, info)
+                t.add_holders(frozen, +1)
+                snap = SnapshotInfo(
+                    sname,
+                    info.name,
+                    frozen,
+                    info.used,
+                    info.capacity,
+                    info.mode,
+                    dict(info.parameters),
+                    created,
+                    group=name,
+                )
+                t.txn.put(skey, snap.to_json(), db=self.dbs.snapshots)
+                snaps.append(snap)
+            group = GroupInfo(name, tuple(volumes), tuple(s.name for s in snaps), created)
+            t.txn.put(key, group.to_json(), db=self.dbs.groups)
+        log.info("event=group_snapshot_created group=%s volumes=%s", name, ",".join(volumes))
+        return group, snaps
+
+    def get_group_snapshot(self, name: str) -> tuple[GroupInfo, list[SnapshotInfo]]:
+        """The group and its member snapshots, in the group's order; ``NotFound`` if unknown."""
+        with self._read() as txn:
+            return self._group(txn, name)
+
+    def list_group_snapshots(self) -> list[GroupInfo]:
+        with self._read() as txn:
+            return [
+                GroupInfo.from_json(v) for v in txn.cursor(db=self.dbs.groups).iternext(keys=False)
+            ]
+
+    def delete_group_snapshot(self, name: str) -> None:
+        """Delete the group and all its member snapshots in one transaction."""
+        key = check_name(name, "group snapshot name")
+        with self._write() as t:
+            _group, snaps = self._group(t.txn, name)
+            for snap in snaps:
+                t.txn.delete(snap.name.encode(), db=self.dbs.snapshots)
+                t.add_holders(snap.layer, -1)
+            t.txn.delete(key, db=self.dbs.groups)
+        log.info("event=group_snapshot_deleted group=%s", name)
+
+    def _group(self, txn: lmdb.Transaction, name: str) -> tuple[GroupInfo, list[SnapshotInfo]]:
+        raw = txn.get(check_name(name, "group snapshot name"), db=self.dbs.groups)
+        if raw is None:
+            raise NotFound(f"group snapshot {name!r} not found")
+        group = GroupInfo.from_json(raw)
+        return group, [self._snapshot(txn, s) for s in group.snapshots]
 
     def clone_snapshot(
         self,

@@ -18,6 +18,7 @@ from .proto import csi_pb2, csi_pb2_grpc
 SERVICES = {
     "Identity": csi_pb2_grpc.IdentityStub,
     "Controller": csi_pb2_grpc.ControllerStub,
+    "GroupController": csi_pb2_grpc.GroupControllerStub,
     "Node": csi_pb2_grpc.NodeStub,
 }
 
@@ -55,6 +56,7 @@ class CsiClient:
         self.identity = csi_pb2_grpc.IdentityStub(self.channel)
         self.controller = csi_pb2_grpc.ControllerStub(self.channel)
         self.node = csi_pb2_grpc.NodeStub(self.channel)
+        self.group_controller = csi_pb2_grpc.GroupControllerStub(self.channel)
         self._index = rpc_index()
 
     def close(self) -> None:
@@ -77,7 +79,12 @@ class CsiClient:
             request = req_cls()
         elif isinstance(request, dict):
             request = json_format.ParseDict(request, req_cls())
-        stub = {"Identity": self.identity, "Controller": self.controller, "Node": self.node}
+        stub = {
+            "Identity": self.identity,
+            "Controller": self.controller,
+            "GroupController": self.group_controller,
+            "Node": self.node,
+        }
         return getattr(stub[service], method)(request, timeout=self.timeout)
 
 

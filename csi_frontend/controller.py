@@ -114,6 +114,7 @@ def snapshot_message(snap: SnapshotInfo) -> csi_pb2.Snapshot:
         size_bytes=snap.capacity,
         creation_time=ts,
         ready_to_use=True,
+        group_snapshot_id=snap.group,  # "" unless a member of a group snapshot
     )
 
 

@@ -27,7 +27,11 @@ class Identity(csi_pb2_grpc.IdentityServicer):
         self, req: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetPluginCapabilitiesResponse:
         resp = csi_pb2.GetPluginCapabilitiesResponse()
-        for svc in (Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS):
+        for svc in (
+            Service.CONTROLLER_SERVICE,
+            Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+            Service.GROUP_CONTROLLER_SERVICE,  # group_controller.py
+        ):
             resp.capabilities.add().service.type = svc
         resp.capabilities.add().volume_expansion.type = Expansion.ONLINE
         return resp

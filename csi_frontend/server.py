@@ -28,6 +28,7 @@ import grpc
 
 from .controller import Controller
 from .errors import status_of
+from .group_controller import GroupController
 from .identity import Identity
 from .node import Node
 from .plugin import Config, Plugin
@@ -171,6 +172,12 @@ class Server:
         )
         csi_pb2_grpc.add_ControllerServicer_to_server(
             _instrument(Controller(self.plugin), csi_pb2_grpc.ControllerServicer, self.metrics),
+            self.grpc,
+        )
+        csi_pb2_grpc.add_GroupControllerServicer_to_server(
+            _instrument(
+                GroupController(self.plugin), csi_pb2_grpc.GroupControllerServicer, self.metrics
+            ),
             self.grpc,
         )
         csi_pb2_grpc.add_NodeServicer_to_server(

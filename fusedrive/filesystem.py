@@ -202,11 +202,22 @@ class Filesystem(Namespace):
 
     @fs_op
     def open(self, ino: int, flags: int) -> int:
+        """Open an existing file; O_TRUNC empties a regular file as ftruncate(0) would.
+
+        libfuse turns on the kernel's atomic O_TRUNC mode: the truncation of an
+        ``open(O_TRUNC)`` arrives here as a flag, not as a setattr. The kernel has
+        already checked write permission (Linux truncates for O_RDONLY|O_TRUNC
+        too, as ext4 does), so every O_TRUNC open of a regular file truncates and
+        updates mtime and ctime, even when the file was already empty.
+        """
         node = self._inode(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             self._writable()
+        if flags & os.O_TRUNC and stat.S_ISREG(node.mode):
+            self._set_size(node, 0)
+            self._touch(node)
         return self._new_handle(node, flags)
 
     @fs_op

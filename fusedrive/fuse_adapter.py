@@ -448,6 +448,8 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = True
     enable_writeback_cache = False
+    # POSIX ACLs stay off (no FUSE_POSIX_ACL): ``Namespace`` refuses the
+    # ``system.posix_acl_*`` names with EOPNOTSUPP, so tools fall back to chmod.
     enable_acl = False
 
     def __init__(self, fs: Filesystem) -> None:

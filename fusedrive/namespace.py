@@ -56,6 +56,9 @@ RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 XATTR_SIZE_MAX = 65536
+# POSIX ACLs are not supported (see ``check_xattr_name``): every operation on these
+# names fails with EOPNOTSUPP, as on ext4 mounted -o noacl.
+ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"})
 _RELATIME_NS = 24 * 3600 * 10**9
 
 
@@ -92,6 +95,20 @@ def check_name(name: bytes) -> None:
         raise FsError(errno.ENAMETOOLONG)
     if not name or b"/" in name or b"\0" in name:
         raise FsError(errno.EINVAL, f"invalid file name {name!r}")
+
+
+def check_xattr_name(name: bytes) -> None:
+    """Refuse the POSIX ACL names with EOPNOTSUPP (a decision, documented in README).
+
+    Without the kernel's FUSE_POSIX_ACL mode the kernel hands ``system.posix_acl_*``
+    to the daemon as plain xattrs: stored as such they would be neither enforced nor
+    kept in step with the mode, and ``cp -a`` or ``sed -i`` (which set the ACL and
+    then skip chmod) would leave files 0600. Refused, those tools fall back to
+    chmod, as they do on a filesystem without ACL support. Values stored under
+    these names by older versions are hidden and left alone.
+    """
+    if name in ACL_XATTRS:
+        raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported (mode bits only)")
 
 
 class Namespace:
@@ -526,6 +543,7 @@ class Namespace:
     # -- extended attributes ----------------------------------------------------------------------
     @fs_op
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        check_xattr_name(name)
         self._writable()
         if not name or len(name) > NAME_MAX:
             raise FsError(errno.ERANGE)
@@ -542,6 +560,7 @@ class Namespace:
 
     @fs_op
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        check_xattr_name(name)
         value = self._xattrs(ino).get(name)
         if value is None:
             raise FsError(errno.ENODATA)
@@ -549,10 +568,11 @@ class Namespace:
 
     @fs_op
     def listxattr(self, ino: int) -> list[bytes]:
-        return sorted(self._xattrs(ino))
+        return sorted(n for n in self._xattrs(ino) if n not in ACL_XATTRS)
 
     @fs_op
     def removexattr(self, ino: int, name: bytes) -> None:
+        check_xattr_name(name)
         self._writable()
         xa = self._xattrs(ino)
         if name not in xa:
