@@ -16,9 +16,9 @@ GATE = "CSIVolumeGroupSnapshot=true"
 
 
 def test_only_the_overlay_turns_the_group_snapshot_gate_on() -> None:
-    base = pod_spec(only(render("kubernetes"), "DaemonSet"))
+    base = pod_spec(only(render("kubernetes"), "DaemonSet", "fusedrive-node"))
     assert "feature-gates" not in flags(container(base, "csi-snapshotter"))
-    spec = pod_spec(only(render(OVERLAY), "DaemonSet"))
+    spec = pod_spec(only(render(OVERLAY), "DaemonSet", "fusedrive-node"))
     snap = flags(container(spec, "csi-snapshotter"))
     assert snap["feature-gates"] == GATE
     assert "node-deployment" in snap  # still distributed, like the base
