@@ -74,7 +74,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fusedrive.filesystem import DEFAULT_CACHE_LIMIT, DEFAULT_DIRTY_LIMIT
-from fusedrive.fuse_adapter import ATTR_TIMEOUT
+from fusedrive.fuse_adapter import CACHED
 
 from . import command
 
@@ -218,7 +218,7 @@ def start_fusedrive(store: Path, volume: str, mountpoint: Path, logfile: Path) -
 def start_memfs(mountpoint: Path, logfile: Path) -> Daemon:
     argv = [sys.executable, "-m", "benchmarks.memfs", str(mountpoint)]
     # fusedrive's timeouts, so that the kernel asks both daemons equally often.
-    return Daemon("memfs", [*argv, "--attr-timeout", str(ATTR_TIMEOUT)], mountpoint, logfile)
+    return Daemon("memfs", [*argv, "--attr-timeout", str(CACHED.attr)], mountpoint, logfile)
 
 
 def fusedrive_cli(store: Path, *args: str) -> str:
@@ -536,7 +536,8 @@ def machine_info(work: Path, cfg: Config) -> dict[str, Any]:
         "work_dir_on_repo_disk": work.stat().st_dev == REPO.stat().st_dev,
         "caches_dropped": cfg.drop_caches,
         "fusedrive": {
-            "attr_timeout_s": ATTR_TIMEOUT,
+            "entry_timeout_s": CACHED.entry,
+            "attr_timeout_s": CACHED.attr,
             "dirty_limit_bytes": DEFAULT_DIRTY_LIMIT,
             "cache_limit_bytes": DEFAULT_CACHE_LIMIT,
         },
