@@ -52,6 +52,12 @@ bench-quick: setup
 bench-fio: setup
 	$(PY) -m benchmarks.fio_bench
 
+# PostgreSQL pgbench (scale 10, 4 clients, 30 s, fsync on) on a fusedrive volume and a
+# plain directory, interleaved rounds (needs root, /dev/fuse, Debian postgresql; ~6 min).
+.PHONY: bench-pg
+bench-pg: setup
+	$(PY) -m benchmarks.pg_bench
+
 # Regenerates csi_frontend/proto/csi_pb2*.py(i) from csi.proto.
 .PHONY: proto
 proto: setup

@@ -31,6 +31,21 @@ writing retries and returns it while a failure is outstanding, and no failure en
 the event loop: the daemon never unmounts itself. A final flush that fails when the
 mount ends raises ``DataNotStored`` out of ``serve`` (logged at CRITICAL).
 
+Kernel caches (docs/datapath.md): a read-write mount is its volume's only writer
+(``_writer_lock``) and a snapshot never changes, so the kernel keeps entries and
+negative entries (a lookup of a missing name answers st_ino 0) for ``ENTRY_TIMEOUT``
+and attributes for ``ATTR_TIMEOUT`` seconds (``CACHED``): every change of a name and
+nearly every change of attributes comes through the kernel, which updates or drops
+what it cached itself. The daemon changes attributes on its own in three places:
+``refresh`` grows a block volume's disk image (size) and a flush commits each written
+file's allocation (st_blocks): both are invalidated here. A write that must merge
+stored patches to make room (``Filesystem._make_room``) shrinks other files'
+st_blocks: not invalidated, they show the old figure for at most ``ATTR_TIMEOUT``,
+which is why attributes are kept for less than entries. Entries and attributes
+handed out by readdir (READDIRPLUS) keep ``SHARED``: while they are valid, the
+kernel (6.18, measured) does not apply an invalidation to them. A read-only mount
+of a volume may have a writer elsewhere: it keeps ``SHARED`` (1 s, as before).
+
 Kernel options: writeback caching is off (every write reaches the daemon before
 write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
 daemon keeps exact); mounts use default_permissions (the kernel checks modes),
@@ -49,6 +64,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import logging
 import os
 import select
@@ -57,6 +73,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -73,7 +90,19 @@ from .schema import ROOT_INO
 
 log = logging.getLogger(__name__)
 
-ATTR_TIMEOUT = 1.0
+
+class CacheTimeouts(NamedTuple):
+    """Seconds the kernel keeps entries (and negative entries) and attributes."""
+
+    entry: float
+    attr: float
+
+
+# See the docstring and docs/datapath.md.
+ENTRY_TIMEOUT = 3600.0
+ATTR_TIMEOUT = 60.0
+CACHED = CacheTimeouts(ENTRY_TIMEOUT, ATTR_TIMEOUT)
+SHARED = CacheTimeouts(1.0, 1.0)  # a read-only mount of a volume: another daemon may write it
 FLUSH_INTERVAL = 3.0
 IDLE_FLUSH = 0.5
 PREPARE_THREADS = 2
@@ -141,12 +170,12 @@ def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
     return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
 
-def _entry(a: Attributes) -> pyfuse3.EntryAttributes:
+def _entry(a: Attributes, timeouts: CacheTimeouts) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
     e.generation = 0
-    e.entry_timeout = ATTR_TIMEOUT
-    e.attr_timeout = ATTR_TIMEOUT
+    e.entry_timeout = timeouts.entry
+    e.attr_timeout = timeouts.attr
     e.st_mode = a.mode
     e.st_nlink = a.nlink
     e.st_uid = a.uid
@@ -161,12 +190,27 @@ def _entry(a: Attributes) -> pyfuse3.EntryAttributes:
     return e
 
 
+def _negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
+    """A lookup's answer for a missing name that the kernel keeps for ``timeout``."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = 0
+    e.entry_timeout = timeout
+    return e
+
+
 def _invalidate_attrs(ino: int) -> None:
     """Make the kernel forget cached attributes the daemon changed on its own."""
     try:
         pyfuse3.invalidate_inode(ino, attr_only=True)
     except OSError as exc:
-        log.warning("event=invalidate_failed ino=%d error=%s", ino, exc)
+        # ENOENT: the kernel holds no inode for it (forgotten), nothing to drop.
+        if exc.errno != errno.ENOENT:
+            log.warning("event=invalidate_failed ino=%d error=%s", ino, exc)
+
+
+def _invalidate_all_attrs(inos: Sequence[int]) -> None:
+    for ino in inos:
+        _invalidate_attrs(ino)
 
 
 def _statvfs(s: StatFs) -> pyfuse3.StatvfsData:
@@ -258,8 +302,19 @@ class Flusher:
                     self.fs.finish_flush(job, deltas)
                 except Exception as exc:  # committed; only the bookkeeping after it failed
                     raise failure(exc) from exc
+                self._stored(list(job.layer.files))
                 if not retry:
                     return  # what was buffered before the call is committed
+
+    def _stored(self, inos: list[int]) -> None:
+        """The flushed files' st_blocks changed (estimate -> stored): the kernel may
+        hold their attributes for ``ATTR_TIMEOUT``, so drop them, in the background
+        (a thread, as every invalidation here: never on the request path)."""
+        if inos and self.nursery is not None:
+            with contextlib.suppress(RuntimeError):  # the nursery has closed: unmounting
+                self.nursery.start_soon(
+                    functools.partial(trio.to_thread.run_sync, _invalidate_all_attrs, inos)
+                )
 
     async def wait_idle(self) -> None:
         """Wait for the flush in flight, if any, to finish."""
@@ -452,9 +507,13 @@ class Operations(pyfuse3.Operations):
     # ``system.posix_acl_*`` names with EOPNOTSUPP, so tools fall back to chmod.
     enable_acl = False
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, timeouts: CacheTimeouts = CACHED) -> None:
         super().__init__()
         self.fs = fs
+        self.timeouts = timeouts
+        # Readdir answers keep at most SHARED: while attributes from a READDIRPLUS
+        # reply are valid, an invalidation does not reach them (measured, Linux 6.18).
+        self.readdir_timeouts = CacheTimeouts(*map(min, zip(timeouts, SHARED, strict=True)))
         self.flusher = Flusher(fs)
         self.fetcher = Fetcher(fs)
         self.largest_write = 0  # observed request size, reported at unmount
@@ -480,7 +539,12 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with _fuse_errors("lookup"):
-            return _entry(self.fs.lookup(parent_inode, name))
+            try:
+                return _entry(self.fs.lookup(parent_inode, name), self.timeouts)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                return _negative_entry(self.timeouts.entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -491,7 +555,7 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _fuse_errors("getattr"):
-            return _entry(self.fs.getattr(inode))
+            return _entry(self.fs.getattr(inode), self.timeouts)
 
     async def setattr(
         self,
@@ -512,7 +576,7 @@ class Operations(pyfuse3.Operations):
                 mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
                 ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
             )
-            return _entry(a)
+            return _entry(a, self.timeouts)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         with _fuse_errors("readlink"):
@@ -522,13 +586,17 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with _fuse_errors("mknod"):
-            return _entry(self.fs.mknod(parent_inode, name, mode, rdev, Ctx(ctx.uid, ctx.gid)))
+            return _entry(
+                self.fs.mknod(parent_inode, name, mode, rdev, Ctx(ctx.uid, ctx.gid)), self.timeouts
+            )
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with _fuse_errors("mkdir"):
-            return _entry(self.fs.mkdir(parent_inode, name, mode, Ctx(ctx.uid, ctx.gid)))
+            return _entry(
+                self.fs.mkdir(parent_inode, name, mode, Ctx(ctx.uid, ctx.gid)), self.timeouts
+            )
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         with _fuse_errors("unlink"):
@@ -542,7 +610,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with _fuse_errors("symlink"):
-            return _entry(self.fs.symlink(parent_inode, name, target, Ctx(ctx.uid, ctx.gid)))
+            return _entry(
+                self.fs.symlink(parent_inode, name, target, Ctx(ctx.uid, ctx.gid)), self.timeouts
+            )
 
     async def rename(
         self,
@@ -560,7 +630,7 @@ class Operations(pyfuse3.Operations):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         with _fuse_errors("link"):
-            return _entry(self.fs.link(inode, new_parent_inode, new_name))
+            return _entry(self.fs.link(inode, new_parent_inode, new_name), self.timeouts)
 
     # -- files ---------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -572,7 +642,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with _fuse_errors("create"):
             fh, a = self.fs.create(parent_inode, name, mode, flags, Ctx(ctx.uid, ctx.gid))
-            return _file_info(fh, flags), _entry(a)
+            return _file_info(fh, flags), _entry(a, self.timeouts)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _fuse_errors("read"):
@@ -633,7 +703,8 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         with _fuse_errors("readdir"):
             for name, attrs, cookie in self.fs.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, name, _entry(attrs), cookie):
+                entry = _entry(attrs, self.readdir_timeouts)
+                if not pyfuse3.readdir_reply(token, name, entry, cookie):
                     break
                 self.fs.remember(attrs.ino)
 
@@ -772,6 +843,7 @@ def serve(
     allow_other: bool = True,
     on_ready: Callable[[], None] | None = None,
     debug: bool = False,
+    cache: CacheTimeouts | None = None,
 ) -> None:
     """Mount a volume (or, read-only, a snapshot) and serve it until it is unmounted.
 
@@ -782,7 +854,9 @@ def serve(
     event loop thread: it must not touch the mount itself. Serving ends when the
     mount is unmounted (fusermount3 -u, umount) or on SIGTERM / SIGINT (then the
     daemon unmounts itself); either way every buffered write is flushed first and
-    the store is closed on return.
+    the store is closed on return. ``cache`` overrides how long the kernel keeps
+    entries and attributes (default: ``CACHED``, or ``SHARED`` for a read-only mount
+    of a volume).
     """
     if (volume is None) == (snapshot is None):
         raise InvalidArgument("give exactly one of a volume or a snapshot to mount")
@@ -798,9 +872,11 @@ def serve(
             store.get_volume(volume)
             view, name = store.volume(volume), volume
         lock = contextlib.nullcontext() if read_only else _writer_lock(Path(store_path), name)
+        if cache is None:
+            cache = SHARED if read_only and snapshot is None else CACHED
         with lock:
             fs = Filesystem(view, read_only=read_only)
-            _serve_fs(fs, mountpoint, name, read_only, allow_other, on_ready, debug)
+            _serve_fs(fs, mountpoint, name, read_only, allow_other, on_ready, debug, cache)
     finally:
         store.close()
 
@@ -857,9 +933,10 @@ def _serve_fs(
     allow_other: bool,
     on_ready: Callable[[], None] | None,
     debug: bool,
+    cache: CacheTimeouts,
 ) -> None:
     _keep_freed_memory()
-    ops = Operations(fs)
+    ops = Operations(fs, cache)
     ops.mount_path = os.path.realpath(mountpoint)  # now: once mounted, lstat asks the daemon
     opts = mount_options(name, read_only=read_only, allow_other=allow_other, debug=debug)
     try:
@@ -950,6 +1027,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-allow-other", action="store_true")
     p.add_argument("--ready-fd", type=int, help="write one byte to this fd once the mount is live")
     p.add_argument("--debug", action="store_true", help="libfuse's request trace, and debug logs")
+    p.add_argument(
+        "--cache-timeout",
+        type=float,
+        help="seconds the kernel keeps entries and attributes (benchmarks; default: docs)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -972,6 +1054,9 @@ def main(argv: list[str] | None = None) -> int:
             allow_other=not args.no_allow_other,
             on_ready=ready,
             debug=args.debug,
+            cache=None
+            if args.cache_timeout is None
+            else CacheTimeouts(args.cache_timeout, args.cache_timeout),
         )
     except (StoreError, OSError) as exc:
         print(f"fusedrive: {exc}", file=sys.stderr)
