@@ -43,11 +43,9 @@ same run. A missed target is a measurement, not an error: the exit code is 0.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -68,7 +66,7 @@ from csi_frontend.demo import force_cleanup, leftovers, running_plugin
 from fusedrive.control import request_flush
 from fusedrive.filesystem import DEFAULT_DIRTY_LIMIT
 
-from . import command
+from . import command, machine
 from .fio_bench import fio_version, run_fio, seq_read_args, seq_write_args
 from .store_bench import TextSource, summarize
 
@@ -983,31 +981,10 @@ def measure_space(csi: Csi, work: Path, store: Path, cfg: Config) -> dict[str, A
 
 
 def machine_info(work: Path) -> dict[str, Any]:
-    mem = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * KiB
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     fstype = ""
     with contextlib.suppress(RuntimeError, OSError):
         fstype = sh("findmnt", "-n", "-o", "FSTYPE", "-T", work).strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "memory_bytes": mem,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "work_dir": str(work),
-        "work_dir_fstype": fstype,
-        "loadavg_start": loadavg(),
-    }
+    return machine.describe(work, work_dir_fstype=fstype)
 
 
 def versions() -> dict[str, str]:

@@ -51,12 +51,10 @@ measurement, not an error: the exit code is 0 and the misses are listed.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import json
 import logging
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -76,7 +74,7 @@ from rich.table import Table
 from fusedrive.filesystem import DEFAULT_CACHE_LIMIT, DEFAULT_DIRTY_LIMIT
 from fusedrive.fuse_adapter import CACHED
 
-from . import command
+from . import command, machine
 
 log = logging.getLogger(__name__)
 
@@ -513,36 +511,17 @@ def measure_rss(work: Path, cfg: Config, stack: contextlib.ExitStack) -> dict[st
 
 
 def machine_info(work: Path, cfg: Config) -> dict[str, Any]:
-    mem = 0
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * KiB
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "fio": fio_version(),
-        "memory_bytes": mem,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "work_dir": str(work),
-        "work_dir_on_repo_disk": work.stat().st_dev == REPO.stat().st_dev,
-        "caches_dropped": cfg.drop_caches,
-        "fusedrive": {
+    return machine.describe(
+        work,
+        fio=fio_version(),
+        caches_dropped=cfg.drop_caches,
+        fusedrive={
             "entry_timeout_s": CACHED.entry,
             "attr_timeout_s": CACHED.attr,
             "dirty_limit_bytes": DEFAULT_DIRTY_LIMIT,
             "cache_limit_bytes": DEFAULT_CACHE_LIMIT,
         },
-        "loadavg_start": list(os.getloadavg()),
-    }
+    )
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:

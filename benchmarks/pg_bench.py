@@ -32,11 +32,9 @@ failure; the work directory is removed only when nothing is mounted under it.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
-import platform
 import pwd
 import re
 import shutil
@@ -54,7 +52,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import command
+from . import command, machine
 from .fio_bench import Daemon, create_volume, mounts_under, start_fusedrive
 
 log = logging.getLogger(__name__)
@@ -228,24 +226,7 @@ def one_round(target: str, home: Path, cfg: Config, bindir: Path) -> dict[str, A
 
 
 def machine_info(work: Path, bindir: Path) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    version = _run([str(bindir / "postgres"), "--version"]).strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "postgres": version,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "work_dir": str(work),
-        "work_dir_on_repo_disk": work.stat().st_dev == REPO.stat().st_dev,
-        "loadavg_start": list(os.getloadavg()),
-    }
+    return machine.describe(work, postgres=_run([str(bindir / "postgres"), "--version"]).strip())
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .store_report import target
+
 log = logging.getLogger(__name__)
 
 KiB = 1 << 10
@@ -102,18 +104,6 @@ def stat(csi: dict[str, Any], size: int, mode: str, system: str, op: str) -> dic
 # -- targets -----------------------------------------------------------------------------
 
 
-def _target(name: str, measured: float, limit: float, comparison: str, unit: str) -> dict[str, Any]:
-    ok = measured <= limit if comparison == "<=" else measured >= limit
-    return {
-        "name": name,
-        "measured": measured,
-        "limit": limit,
-        "comparison": comparison,
-        "unit": unit,
-        "pass": ok,
-    }
-
-
 def hostpath_size(csi: dict[str, Any]) -> int:
     """1 GiB if the run measured it, else the measured size nearest to it."""
     return min(sizes_of(csi), key=lambda s: abs(s - HOSTPATH_AT))
@@ -128,10 +118,10 @@ def evaluate_targets(csi: dict[str, Any]) -> list[dict[str, Any]]:
             meds = {s: stat(csi, s, mode, "fusedrive", op)["median_ms"] for s in sizes}  # type: ignore[index]
             for s in sizes:
                 targets.append(
-                    _target(f"{mode} {op} median at {human(s)}", meds[s], TARGET_MS, "<=", "ms")
+                    target(f"{mode} {op} median at {human(s)}", meds[s], TARGET_MS, "<=", "ms")
                 )
             targets.append(
-                _target(
+                target(
                     f"{mode} {op} flat: median {human(sizes[-1])} / {human(sizes[0])}",
                     meds[sizes[-1]] / meds[sizes[0]],
                     FLAT_LIMIT,
@@ -143,7 +133,7 @@ def evaluate_targets(csi: dict[str, Any]) -> list[dict[str, Any]]:
                 bt = stat(csi, s, mode, "btrfs", op)
                 if bt is not None:
                     targets.append(
-                        _target(
+                        target(
                             f"{mode} {op} faster than btrfs at {human(s)} (btrfs / ours)",
                             bt["median_ms"] / meds[s],
                             1.0,
@@ -154,7 +144,7 @@ def evaluate_targets(csi: dict[str, Any]) -> list[dict[str, Any]]:
             hps = stat(csi, hp, mode, "hostpath", op)
             if hps is not None:
                 targets.append(
-                    _target(
+                    target(
                         f"{mode} {op} vs hostpath at {human(hp)} (hostpath / ours)",
                         hps["median_ms"] / meds[hp],
                         HOSTPATH_FACTOR,
@@ -164,7 +154,7 @@ def evaluate_targets(csi: dict[str, Any]) -> list[dict[str, Any]]:
                 )
     if "busy" in csi:
         targets.append(
-            _target(
+            target(
                 "snapshot of a busy volume, p99",
                 csi["busy"]["latency"]["p99_ms"],
                 BUSY_P99_MS,

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime
 import hashlib
 import itertools
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -59,7 +57,7 @@ from rich.progress import (
 from blockstore import Store
 from blockstore import chunks as ch
 
-from . import command
+from . import command, machine
 from .store_report import LATENCY_OPS, evaluate_targets, print_summary, write_plot
 
 log = logging.getLogger(__name__)
@@ -194,38 +192,13 @@ def summarize(samples: Sequence[float], scale: float, unit: str) -> dict[str, fl
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info(work: Path) -> dict[str, Any]:
-    mem = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * KiB
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "lmdb": ".".join(map(str, lmdb.version())),
-        "py_lmdb": lmdb.__version__,
-        "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
-        "memory_bytes": mem,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "work_dir": str(work),
-        "work_dir_on_repo_disk": work.stat().st_dev == REPO.stat().st_dev,
-        "loadavg_start": list(os.getloadavg()),
-    }
+    return machine.describe(
+        work,
+        lmdb=".".join(map(str, lmdb.version())),
+        py_lmdb=lmdb.__version__,
+        zstd=".".join(map(str, zstandard.ZSTD_VERSION)),
+    )
 
 
 # -- writing ----------------------------------------------------------------

@@ -32,7 +32,8 @@ def human(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _target(name: str, measured: float, limit: float, comparison: str, unit: str) -> dict[str, Any]:
+def target(name: str, measured: float, limit: float, comparison: str, unit: str) -> dict[str, Any]:
+    """One pass/miss row of a report: ``measured`` against ``limit`` by ``comparison``."""
     ok = measured <= limit if comparison == "<=" else measured >= limit
     return {
         "name": name,
@@ -50,7 +51,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for size in ("small", "large"):
         for op in LATENCY_OPS:
             targets.append(
-                _target(
+                target(
                     f"{op} median, {human(lat[size]['written_bytes'])} written",
                     lat[size][op]["median_ms"],
                     LATENCY_LIMIT_MS,
@@ -60,7 +61,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             )
     for op in LATENCY_OPS:
         targets.append(
-            _target(
+            target(
                 f"{op} median ratio large/small",
                 lat["ratio_large_to_small_median"][op],
                 SIZE_RATIO_LIMIT,
@@ -70,7 +71,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     get = results["get_latency"]
     targets.append(
-        _target(
+        target(
             f"get median ratio {get['snapshot_count']}/0 snapshots",
             get["ratio_median"],
             GET_RATIO_LIMIT,
@@ -81,7 +82,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for kind in ("random", "text"):
         tp = results["write_throughput"][kind]
         targets.append(
-            _target(
+            target(
                 f"store write throughput / slowest primitive ({tp['slowest_primitive']}), {kind}",
                 tp["store_to_slowest_primitive"],
                 THROUGHPUT_FRACTION,
