@@ -126,6 +126,9 @@ def edit(src: Path, round: int) -> None:
         for _ in range(5):
             f.seek(rng.randrange(16 * MiB - 100))
             f.write(rng.randbytes(100))
+    # Same size: rsync's quick check (size and whole-second mtime) would skip it if the
+    # edit fell in the same second as the last sync, so give each round its own second.
+    os.utime(e / "big.bin", ns=(T0 + round * 13 * 10**9, T0 + round * 13 * 10**9))
     with open(e / "size-196608", "ab") as f:
         f.write(rng.randbytes(5000))
     os.truncate(e / "size-65537", 100 + round)
