@@ -46,6 +46,16 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     """Keeps the examples' line breaks; every option states its default in its help."""
 
 
+def _store_argument(p: argparse.ArgumentParser) -> None:
+    """``--store``: the same default for the plugin and the mounter, which share the store."""
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        default=os.environ.get("FUSEDRIVE_STORE", "/var/lib/fusedrive"),
+        help="the store directory (default: $FUSEDRIVE_STORE, else %(default)s)",
+    )
+
+
 def _serve_parser(sub: Any) -> None:
     from .plugin import DEFAULT_DRIVER_NAME
 
@@ -68,12 +78,7 @@ def _serve_parser(sub: Any) -> None:
         default=os.environ.get("NODE_NAME") or socket.gethostname(),
         help="this node's id (default: $NODE_NAME, else the host name: %(default)s)",
     )
-    p.add_argument(
-        "--store",
-        metavar="DIR",
-        default=os.environ.get("FUSEDRIVE_STORE", "/var/lib/fusedrive"),
-        help="the store directory (default: $FUSEDRIVE_STORE, else %(default)s)",
-    )
+    _store_argument(p)
     p.add_argument(
         "--state-dir",
         metavar="DIR",
@@ -207,12 +212,7 @@ def _mounter_parser(sub: Any) -> None:
         default=os.environ.get("FUSEDRIVE_MOUNTER_SOCKET", DEFAULT_SOCKET),
         help="the unix socket to serve on (default: $FUSEDRIVE_MOUNTER_SOCKET, else %(default)s)",
     )
-    p.add_argument(
-        "--store",
-        metavar="DIR",
-        default=os.environ.get("FUSEDRIVE_STORE", "/var/lib/fusedrive"),
-        help="the store directory (default: $FUSEDRIVE_STORE, else %(default)s)",
-    )
+    _store_argument(p)
     p.add_argument(
         "--allowed-path-prefix",
         action="append",
