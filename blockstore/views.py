@@ -216,12 +216,13 @@ class Batch:
         return self.view.store._read_chunks(self._t.txn, refs) if refs else []
 
     def _visible_chunk_length(self, key: bytes) -> int:
-        raw = ly.lookup_raw(self._t.txn, self._dbs, self._lin, key)
-        return struct.unpack(">I", raw[33:37])[0] if raw is not None and raw[:1] == b"C" else 0
+        return _chunk_length(ly.lookup_raw(self._t.txn, self._dbs, self._lin, key))
 
-    def _charge(self, key: bytes, new_length: int) -> None:
-        """Account a visible chunk of ``new_length`` replacing whatever ``key`` had."""
-        old = self._visible_chunk_length(key)
+    def _charge(self, key: bytes, new_length: int, old: int | None = None) -> None:
+        """Account a visible chunk of ``new_length`` replacing whatever ``key`` had
+        (``old``: its visible chunk length, when the caller has already looked)."""
+        if old is None:
+            old = self._visible_chunk_length(key)
         used = self.used - old + new_length
         if new_length > old and used > self.capacity:
             raise NoSpace(
@@ -257,9 +258,10 @@ class Batch:
     def delete(self, key: bytes) -> bool:
         """Hide ``key`` in this view; True if it was visible."""
         txn, dbs, lin = self._t.txn, self._dbs, self._lin
-        if ly.lookup_raw(txn, dbs, lin, key) is None:
+        raw = ly.lookup_raw(txn, dbs, lin, key)
+        if raw is None:
             return False
-        self._charge(key, 0)
+        self._charge(key, 0, _chunk_length(raw))  # one lookup, not two: unlink pays per key
         below = ly.parent_lookup_raw(txn, dbs, lin, key)
         old = ly.set_version(txn, dbs, lin, key, ly.TOMBSTONE if below is not None else None)
         self._t.release_version(old)
@@ -271,3 +273,8 @@ class Batch:
         for k in keys:
             self.delete(k)
         return len(keys)
+
+
+def _chunk_length(raw: bytes | None) -> int:
+    """The raw length of the chunk a visible version points at (0: not a chunk)."""
+    return struct.unpack(">I", raw[33:37])[0] if raw is not None and raw[:1] == b"C" else 0

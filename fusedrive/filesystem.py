@@ -162,7 +162,7 @@ class Filesystem(Namespace):
     def _delete_orphans(self) -> None:
         orphans = [orphan_ino(k) for k, _ in self.view.scan(ORPHAN_PREFIX)]
         for ino in orphans:
-            self._destroy(ino)
+            self._destroy(ino, orphan=True)
         if orphans:
             self.flush()
             log.info("event=orphans_deleted volume=%s count=%d", self.view.name, len(orphans))
@@ -564,7 +564,7 @@ class Filesystem(Namespace):
         if not self.read_only:
             for node in list(self.inodes.values()):
                 if node.nlink == 0:
-                    self._destroy(node.ino)
+                    self._destroy(node.ino, orphan=True)
             self.flush()
         self.handles.clear()
         self.dir_handles.clear()
