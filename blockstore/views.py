@@ -232,8 +232,14 @@ class Batch:
         self.used = used
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._charge(key, 0)
-        old = ly.set_version(self._t.txn, self._dbs, self._lin, key, ly.encode_value(value))
+        txn, dbs, lin = self._t.txn, self._dbs, self._lin
+        # The head's own version, when there is one (or the head is the whole lineage),
+        # is the visible one: a get, not a cursor walk (a flush puts every changed
+        # inode record and directory entry, so this is per metadata operation).
+        own = ly.own_version(txn, dbs, lin, key)
+        known = own is not None or len(lin.ancestry) == 1
+        self._charge(key, 0, _chunk_length(own) if known else None)
+        old = ly.set_version(txn, dbs, lin, key, ly.encode_value(value))
         self._t.release_version(old)
 
     def put_chunk(self, key: bytes, prep: ch.PreparedChunk) -> None:
