@@ -12,8 +12,9 @@ Public surface:
 
 Modules: ``schema`` (keys and records), ``filedata`` (buffered writes, read cache,
 the flush transaction), ``namespace`` (inodes, directories, links, xattrs),
-``filesystem``, ``errors`` (the errno table), ``fuse_adapter``, ``control``, and
-the command line in ``cli``.
+``filesystem``, ``errors`` (the errno table), ``fuse_adapter`` (with ``flusher``
+and ``fetcher``, its flush and read-ahead work), ``control``, and the command line
+in ``cli``.
 """
 
 from __future__ import annotations
