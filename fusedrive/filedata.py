@@ -59,7 +59,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import replace
 
-from blockstore import Batch, ChunkRef, PreparedChunk, Store, View
+from blockstore import Batch, ChunkRef, Environment, PreparedChunk, View
 
 from .buffers import HIDDEN, INF, Layer
 from .errors import FlushNeeded, FsError
@@ -170,7 +170,7 @@ class FlushJob:
     def dirty_bytes(self) -> int:
         return self.layer.dirty_bytes
 
-    def prepare(self, store: Store, level: int, part: int = 0, parts: int = 1) -> None:
+    def prepare(self, store: Environment, level: int, part: int = 0, parts: int = 1) -> None:
         self.level = level  # for chunks the commit rewrites whole
         for i in range(part, len(self.chunks), parts):
             if self.prepared[i] is None:
@@ -251,7 +251,7 @@ def _record_bound(n: int) -> int:
     return -(-(n + (n >> 7) + 64) // _RECORD_ALIGN) * _RECORD_ALIGN
 
 
-def _prepare_all(store: Store, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
+def _prepare_all(store: Environment, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
     return [store.prepare_chunk(snap, level) for snap in snaps]
 
 

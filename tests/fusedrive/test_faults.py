@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from blockstore import Store
-from blockstore.store import default_reserve
+from blockstore.environment import default_reserve
 from fusedrive import cli
 from fusedrive.control import request_flush
 from fusedrive.daemon import process_starttime
