@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyfuse3
 from rich.console import Console
 
 from csi_frontend import loopdev
@@ -84,6 +85,7 @@ from .fio_bench import (
     fsync_dir,
     fusedrive_cli,
     human,
+    is_mounted,
     mounts_under,
     run_fio,
     small_files,
@@ -504,10 +506,6 @@ class BlockStack:
             self.daemon = None
 
 
-def is_mounted(path: Path) -> bool:
-    return fio_bench.is_mounted(path)
-
-
 def block_trial(
     stacks: dict[str, BlockStack], t: str, job: str, cfg: fio_bench.Config
 ) -> dict[str, Any]:
@@ -561,8 +559,6 @@ def versions(bindir: Path) -> dict[str, str]:
     git = subprocess.run(
         ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
     )
-    import pyfuse3
-
     return {
         "fusedrive_commit": git.stdout.strip(),
         "pyfuse3": pyfuse3.__version__,
