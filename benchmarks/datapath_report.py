@@ -231,6 +231,11 @@ def markdown(results: dict[str, Any], source: Path) -> str:
         )
         + "."
     )
+    lines.append(
+        "- Cold reads: `drop_caches` empties this machine's page cache only; on a virtual "
+        "machine the host may still hold the disk's blocks, so a cold read of a file just "
+        "written can be several times faster than another trial's: compare the trials."
+    )
     mem = raw["memory"]
     lines.append(
         f"- Daemon memory writing {human(mem['written_bytes'])} at "
@@ -338,8 +343,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
             label="goal",
         )
         ax.axhline(1.0, color="gray", linewidth=0.8, label="plain directory")
-        for x, r, m in zip(xs, mine, med, strict=True):
-            ax.annotate(_ratio(r).split(" ")[0], (x, m), ha="center", va="bottom", fontsize=8)
+        for x, r, p in zip(xs, mine, per, strict=True):
+            top = max(p)  # above the whisker
+            ax.annotate(_ratio(r).split(" ")[0], (x, top), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(xs, labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("fusedrive speed / plain")
         ax.set_title(group, fontsize=10)
