@@ -99,9 +99,10 @@ class Config:
     real_cap: int = 2 * GiB  # random bytes per size at most; the rest of a size is a hole
     small_files: int = 2000
     reps: int = 5
-    slow_reps: int = 3  # hostpath and dd at sizes >= slow_from
-    # hostpath and dd at sizes > real_cap (the logical sizes): one run each (tar -czf of
-    # 16 GiB alone takes over 2 minutes; a second run kept `make bench` past 25 minutes)
+    # hostpath and dd at sizes >= slow_from: two runs each, and at sizes > real_cap (the
+    # logical sizes) one: tar -czf took 39 s a run at 1 GiB and 139 s at 16 GiB, and
+    # with 3 and 2 runs `make bench` took 27 minutes against a budget of 25.
+    slow_reps: int = 2
     slowest_reps: int = 1
     slow_from: int = 1 * GiB
     busy_seconds: int = 20  # twice: fio alone, then fio with the snapshots
