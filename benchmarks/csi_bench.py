@@ -22,10 +22,14 @@ baseline runs in the same run, on the same disk, on the same data:
    - ``lvm-thin`` (what TopoLVM does) needs device-mapper; where the kernel lacks it
      the JSON says so and nothing is measured.
    Repetitions take turns (ours, then each baseline, per repetition) so a burst of
-   load hits all of them; the slow baselines run fewer times (``slow_reps``).
+   load hits all of them; the slow baselines run fewer times (``slow_reps``). Every
+   timed operation starts after an untimed ``sync``, so no system's time includes the
+   writeback of what another wrote just before.
 2. ``busy``: CreateSnapshot every ``busy_interval`` s while fio writes sequentially at
    full speed into the volume: every latency, and the bytes the volume's FUSE daemon
    wrote (``/proc/PID/io``) during each call, which bounds what the flush committed.
+   The same fio job runs alone first: its throughput against the one with snapshots
+   is what the snapshots cost the writer (writes wait while a snapshot's flush runs).
 3. ``lineage``: fio sequential read (cold daemon: the volume is unstaged and staged
    again, ``direct=1``) and write (fresh data, fsync'd) with 0, 10 and 100
    snapshots in the volume's lineage, each snapshot after a 64 KiB overwrite.
@@ -95,10 +99,13 @@ class Config:
     real_cap: int = 2 * GiB  # random bytes per size at most; the rest of a size is a hole
     small_files: int = 2000
     reps: int = 5
-    slow_reps: int = 3  # hostpath and dd at sizes >= slow_from
-    slowest_reps: int = 2  # hostpath and dd at sizes > real_cap (the logical sizes)
+    # hostpath and dd at sizes >= slow_from: two runs each, and at sizes > real_cap (the
+    # logical sizes) one: tar -czf took 39 s a run at 1 GiB and 139 s at 16 GiB, and
+    # with 3 and 2 runs `make bench` took 27 minutes against a budget of 25.
+    slow_reps: int = 2
+    slowest_reps: int = 1
     slow_from: int = 1 * GiB
-    busy_seconds: int = 30
+    busy_seconds: int = 20  # twice: fio alone, then fio with the snapshots
     busy_interval: float = 0.25
     busy_file_bytes: int = 1 * GiB
     lineage_bytes: int = 256 * MiB
@@ -117,7 +124,7 @@ QUICK = Config(
     slow_reps=2,
     slowest_reps=1,
     slow_from=256 * MiB,
-    busy_seconds=8,
+    busy_seconds=6,
     busy_file_bytes=256 * MiB,
     lineage_bytes=64 * MiB,
     lineage_depths=(0, 10, 30),
@@ -653,6 +660,12 @@ class Compare:
                     if rep >= reps_for(system, self.size, self.cfg):
                         continue
                     for op, fn in ops.items():
+                        # Untimed: the previous operation's dirty pages (a baseline's
+                        # gigabytes) reach the disk first, so their writeback does not
+                        # land in the next system's time (our commits and btrfs's wait
+                        # behind it: a restore does no work that grows with size, yet the
+                        # 16 GiB ones took 4x the 64 MiB ones' time, right after tar -x).
+                        os.sync()
                         samples[system][op].append(fn(rep))
             out[mode] = {
                 system: {op: {**summarize(ts, 1e3, "ms"), "seconds": ts} for op, ts in ops.items()}
@@ -724,6 +737,9 @@ def measure_busy(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
             "--time_based=1",
             f"--runtime={cfg.busy_seconds}",
         ]
+        # The same fio job alone first: what the snapshots cost the writer.
+        alone = run_fio("alone", target / "alone.dat", args, cfg.busy_seconds + 600)
+        (target / "alone.dat").unlink()
         fio: dict[str, Any] = {}
         errors: list[BaseException] = []
 
@@ -767,6 +783,7 @@ def measure_busy(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
         wchar = [s["daemon_wchar"] for s in samples]
         return {
             "fio": fio,
+            "fio_alone": alone,
             "fio_args": args,
             "interval_s": cfg.busy_interval,
             "snapshots": len(samples),

@@ -425,7 +425,15 @@ def busy_lines(busy: dict[str, Any]) -> list[str]:
         f"what the snapshot's flush committed): median {human(busy['daemon_write_bytes_median'])}, "
         f"max {human(busy['daemon_write_bytes_max'])}; the daemon buffers at most "
         f"{human(busy['dirty_limit_bytes'])} of dirty data.",
-    ]
+    ] + (
+        [
+            f"- what the snapshots cost the writer (new writes wait while a snapshot's flush "
+            f"runs): the same fio job alone wrote {busy['fio_alone']['bw_mibps']:.0f} MiB/s, "
+            f"with the snapshots {busy['fio']['bw_mibps']:.0f} MiB/s."
+        ]
+        if "fio_alone" in busy
+        else []
+    )
 
 
 def lineage_lines(lin: dict[str, Any]) -> list[str]:
@@ -571,7 +579,9 @@ def method_lines(csi: dict[str, Any]) -> list[str]:
         "starting the process, as a driver would.",
         f"- **LVM thin** (TopoLVM): {csi['baselines']['lvm-thin']}.",
         f"- **Repetitions** (rounds take turns: ours, then each baseline): {rep_text}. "
-        "Median, with min-max as the spread; every repetition is in `csi.json`.",
+        "Median, with min-max as the spread; every repetition is in `csi.json`. Each timed "
+        "operation starts after an untimed `sync`, so none pays for the writeback of the "
+        "gigabytes another system wrote just before it.",
         "- **Busy volume**: fio sequential write (psync, 1 MiB, `refill_buffers`) into a staged "
         "filesystem volume; CreateSnapshot in a loop beside it.",
         "- **Lineage**: a volume with data, then snapshots each after a 64 KiB overwrite; at "

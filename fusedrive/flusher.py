@@ -10,8 +10,10 @@ while handlers keep filling a fresh layer on the trio thread.
 Flushes happen on fsync and fsyncdir, when the dirty buffers pass half their bound
 (in the background) or their bound (the writer waits), every ``FLUSH_INTERVAL``
 seconds or ``IDLE_FLUSH`` seconds after changes stop, on a request from
-``control.request_flush``, and on unmount or SIGTERM / SIGINT (after the FUSE loop
-stops, before the mount goes away; ``fuse_adapter``).
+``control.request_flush`` (new writes wait while it runs, so a snapshot of a busy
+volume commits only what was written before it: ``Flusher.flush_requested``), and on
+unmount or SIGTERM / SIGINT (after the FUSE loop stops, before the mount goes away;
+``fuse_adapter``).
 
 Failures (docs/faults.md): a flush that fails raises ``FsError`` (ENOSPC for a full
 store, EIO for anything else, a bug included) and leaves its changes buffered for
@@ -72,6 +74,9 @@ class Flusher:
         self.lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self._background = False
+        # Set while a flush asked for from outside (``flush_requested``) runs: writes wait
+        # for it to end, then go on (an Event each; a later request replaces it).
+        self.hold: trio.Event | None = None
         # The error of the last flush, while buffered changes it could not store remain
         # (None once a flush succeeds): close(2) of a file opened for writing reports it.
         self.failure: FsError | None = None
@@ -143,6 +148,28 @@ class Flusher:
                 self._stored(list(job.layer.files))
                 if not retry:
                     return  # what was buffered before the call is committed
+
+    async def flush_requested(self) -> None:
+        """``flush`` for ``control.request_flush`` (a snapshot or clone about to be cut).
+
+        Writes that arrive meanwhile wait until it ends (``writes_may_go``), as a
+        freeze does: the flush then commits only what was written before the request
+        (at most the dirty-buffer bound), without new writes competing with it for the
+        CPU, and a busy volume's snapshot does not wait for data written after it.
+        """
+        hold = trio.Event()
+        self.hold = hold
+        try:
+            await self.flush()
+        finally:
+            if self.hold is hold:
+                self.hold = None
+            hold.set()
+
+    async def writes_may_go(self) -> None:
+        """Return once no requested flush holds writes back."""
+        while self.hold is not None:
+            await self.hold.wait()
 
     def _stored(self, inos: list[int]) -> None:
         """The flushed files' st_blocks changed (estimate -> stored): the kernel may

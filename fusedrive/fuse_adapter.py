@@ -343,6 +343,7 @@ class Operations(pyfuse3.Operations):
         with _fuse_errors("write"):
             self.largest_write = max(self.largest_write, len(buf))
             await self.fetcher.before(fh, off, len(buf), True)
+            await self.flusher.writes_may_go()
             space_tries = 0
             while True:
                 try:
@@ -417,7 +418,7 @@ class Operations(pyfuse3.Operations):
             if inode == ROOT_INO and name == FLUSH_XATTR_BYTES:
                 # After a failure, pick up a fixed cause (a changed parameter) first.
                 changed = self.fs.refresh() if self.flusher.failure is not None else []
-                await self.flusher.flush()
+                await self.flusher.flush_requested()
                 for ino in {*changed, *self.fs.refresh()}:
                     await trio.to_thread.run_sync(invalidate_attrs, ino)
                 log.info("event=flush_request_served")

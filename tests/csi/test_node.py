@@ -19,6 +19,7 @@ import os
 import signal
 import stat
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -587,6 +588,89 @@ def test_clone_of_a_staged_volume_holds_writes_that_returned_before_it(
     finally:
         unstage(csi, clone, c_staging)
         unstage(csi, vol.volume_id, staging)
+
+
+@pytest.mark.needs_fuse
+def test_snapshots_cut_while_writers_run_hold_every_write_that_returned_before_them(
+    csi: Csi, node_dir: Path
+) -> None:
+    """Two threads keep rewriting 1 MiB blocks of their file in a ring while CreateSnapshot
+    is called three times. Write number ``i`` goes to block ``i % RING`` and carries ``i``
+    in its first bytes. In each restored snapshot, every block holds exactly the bytes of
+    one write, no older than the last write to it that returned before the request and
+    no newer than the writes started before the response."""
+    ring, blk = 24, MiB
+    pool = [os.urandom(blk) for _ in range(5)]
+
+    def block(i: int) -> bytes:
+        return struct.pack(">Q", i) + pool[i % len(pool)][8:]
+
+    vol = csi.create_volume(size=128 * MiB)
+    staging = node_dir / "staging"
+    stage(csi, vol.volume_id, staging)
+    started = [0, 0]  # per writer: writes issued (the next one's number)
+    done = [0, 0]  # per writer: writes that returned
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(w: int) -> None:
+        try:
+            fd = os.open(staging / f"w{w}.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                while not stop.is_set():
+                    i = started[w]
+                    started[w] = i + 1
+                    assert os.pwrite(fd, block(i), (i % ring) * blk) == blk
+                    done[w] = i + 1
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    cuts: list[tuple[str, list[int], list[int]]] = []  # snapshot, done before, started after
+    restored: list[tuple[str, Path]] = []
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(3):
+            least = [d + ring for d in done]  # every block written at least once more
+            deadline = time.monotonic() + 60
+            while min(d - m for d, m in zip(done, least, strict=True)) < 0:
+                assert not errors and time.monotonic() < deadline, (errors, done, least)
+                time.sleep(0.01)
+            assert not errors, errors
+            assert all(t.is_alive() for t in threads)
+            before = list(done)
+            snap = csi.create_snapshot(vol.volume_id)
+            cuts.append((snap.snapshot_id, before, list(started)))
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        for n, (sid, before, after) in enumerate(cuts):
+            vid = restore(csi, sid, 128 * MiB)
+            r_staging = node_dir / f"r{n}"
+            stage(csi, vid, r_staging)
+            restored.append((vid, r_staging))
+            for w in range(2):
+                data = (r_staging / f"w{w}.bin").read_bytes()
+                assert len(data) == ring * blk
+                for p in range(ring):
+                    got = data[p * blk : (p + 1) * blk]
+                    i = struct.unpack(">Q", got[:8])[0]
+                    # the last write to block p that returned before the request
+                    last = before[w] - 1 - (before[w] - 1 - p) % ring
+                    assert last <= i < after[w], (n, w, p, i, last, after[w])
+                    assert i % ring == p and got == block(i), (n, w, p, i)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        for vid, r_staging in restored:
+            unstage(csi, vid, r_staging)
+        unstage(csi, vol.volume_id, staging)
+    assert csi.plugin.mounts(node_dir) == []
 
 
 # -- block volumes ------------------------------------------------------------------------------
