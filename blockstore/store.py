@@ -132,6 +132,16 @@ class StoreStats:
         return self.unique_raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class CommitTiming:
+    """Where the last write transaction of this process spent its time (seconds)."""
+
+    body: float  # from the write lock to the end of the caller's work (puts, appends)
+    segment_sync: float  # fdatasync of the segments it appended to (``segments`` of them)
+    lmdb_commit: float  # LMDB's commit: data pages, their fdatasync, the synced meta page
+    segments: int
+
+
 class _Txn:
     """A write transaction plus the chunk counter deltas it accumulates."""
 
@@ -375,6 +385,7 @@ class Store:
         # Chunks this process found damaged on read (digest -> why): the next put of
         # one rewrites it, and the next write transaction marks it (``damaged``).
         self.damage_found: dict[bytes, str] = {}
+        self.last_commit: CommitTiming | None = None
         try:
             self._settings(compression_level, chunk_hash)
             if reserve is not None:
@@ -444,6 +455,7 @@ class Store:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[_Txn]:
+        t0 = time.perf_counter()
         txn = self._begin(True)
         t = _Txn(self, txn)
         try:
@@ -451,9 +463,13 @@ class Store:
             if self.damage_found:
                 t.persist_damage()
             t.commit_counters()
+            t1 = time.perf_counter()
             t.finish_segments()
+            t2 = time.perf_counter()
             txnid = txn.id()  # readers older than this may still see what it freed
             txn.commit()
+            t3 = time.perf_counter()
+            self.last_commit = CommitTiming(t1 - t0, t2 - t1, t3 - t2, len(t._written))
         except (lmdb.Error, OSError) as exc:
             # A full filesystem (a segment append, LMDB growing its file) is NoSpace;
             # the transaction is gone and the store is as it was before it.

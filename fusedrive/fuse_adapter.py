@@ -64,13 +64,14 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import functools
 import logging
 import os
+import queue
 import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -106,6 +107,7 @@ SHARED = CacheTimeouts(1.0, 1.0)  # a read-only mount of a volume: another daemo
 FLUSH_INTERVAL = 3.0
 IDLE_FLUSH = 0.5
 PREPARE_THREADS = 2
+SMALL_JOB_CHUNKS = 4  # a job of at most this many chunks is prepared in its commit thread
 # Fetching stored chunks (see ``Fetcher``): a request that needs at most this many
 # fetches them on the trio thread; larger ones and read-ahead go to worker threads
 # in batches of FETCH_BATCH, at most READ_AHEAD_TASKS batches of read-ahead at once.
@@ -213,6 +215,37 @@ def _invalidate_all_attrs(inos: Sequence[int]) -> None:
         _invalidate_attrs(ino)
 
 
+class _Invalidator:
+    """One thread that drops the kernel's cached attributes of inodes handed to it.
+
+    An invalidation must never run on the trio thread (the kernel may wait for a
+    request the daemon is still serving); one long-lived thread costs a queue put per
+    flush, where a thread handoff per flush cost a trio task and a wakeup each.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Sequence[int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, inos: Sequence[int]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="fusedrive-invalidate", daemon=True
+            )
+            self._thread.start()
+        self._queue.put(inos)
+
+    def _run(self) -> None:
+        while (inos := self._queue.get()) is not None:
+            _invalidate_all_attrs(inos)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 def _statvfs(s: StatFs) -> pyfuse3.StatvfsData:
     d = pyfuse3.StatvfsData()
     d.f_bsize, d.f_frsize = s.bsize, s.frsize
@@ -223,10 +256,19 @@ def _statvfs(s: StatFs) -> pyfuse3.StatvfsData:
 
 
 class Flusher:
-    """Runs flushes one at a time, with hashing, compression and commit in threads.
+    """Runs flushes one at a time, with hashing, compression and commit in a thread.
 
-    The pool that prepares chunks is also ``FileData.prepare_pool``: chunks sent
-    ahead by writes are usually ready when the flush freezes them.
+    Group commit: every change buffered before a flush *freezes* its job is in that
+    job, so a flush called while another commits needs only the next job, and callers
+    that waited together share it (``_frozen`` counts frozen jobs, ``_committed`` is
+    the number of the last one committed; jobs commit in freeze order, a failed one
+    is retried before anything new is frozen). Concurrent fsyncs thus cost one commit
+    between them, not one each.
+
+    A job is prepared (hashed, compressed) and committed in ONE worker thread: small
+    jobs (an fsync after a few writes) are prepared right there, larger ones across
+    the prepare pool, which is also ``FileData.prepare_pool``: chunks sent ahead by
+    writes are usually ready when the flush freezes them.
     """
 
     def __init__(self, fs: Filesystem) -> None:
@@ -234,20 +276,27 @@ class Flusher:
         self.lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self._background = False
+        self._frozen = 0  # jobs frozen so far (each holds every change before its freeze)
+        self._committed = 0  # the number of the last job committed
         # The error of the last flush, while buffered changes it could not store remain
         # (None once a flush succeeds): close(2) of a file opened for writing reports it.
         self.failure: FsError | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(
             PREPARE_THREADS, thread_name_prefix="fusedrive-prepare"
         )
+        self._invalidator = _Invalidator()
         if not fs.read_only:
             fs.data.prepare_pool = self._pool
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._invalidator.close()
 
     def _prepare(self, job: FlushJob) -> None:
         fs = self.fs
+        if len(job.chunks) <= SMALL_JOB_CHUNKS:  # a thread handoff costs more than the work
+            job.prepare(fs.store, fs.data.level)
+            return
         parts = [
             self._pool.submit(job.prepare, fs.store, fs.data.level, part, PREPARE_THREADS)
             for part in range(PREPARE_THREADS)
@@ -255,16 +304,29 @@ class Flusher:
         for f in parts:
             f.result()
 
+    def _store(self, job: FlushJob) -> tuple[dict[int, int], float]:
+        """Prepare and commit ``job`` (in a worker thread); its deltas and prepare time."""
+        t0 = time.perf_counter()
+        if job.chunks:
+            self._prepare(job)
+        t1 = time.perf_counter()
+        return job.commit(self.fs.view), t1 - t0
+
     async def flush(self) -> None:
-        """Commit everything buffered before the call.
+        """Commit everything buffered before the call (sharing a commit with others).
 
         Raises ``FsError`` and nothing else (ENOSPC when the store is full, EIO for
         any other failure, a bug included); the changes stay buffered, to be
         committed by the next flush.
         """
+        fs = self.fs
+        # The job that holds every change made so far: the next one to be frozen if
+        # anything changed since the last freeze, else the last one frozen.
+        need = self._frozen + (1 if fs.data.live or fs.dirty or fs.sb_dirty else 0)
         async with self.lock:
-            while True:  # a failed job first, if any, then the live layer
+            while self._committed < need:  # a failed job first, if any, then the live layer
                 retry = self.fs.data.inflight is not None
+                tb = time.perf_counter()
                 try:
                     job = self.fs.begin_flush()
                 except Exception as exc:
@@ -272,19 +334,14 @@ class Flusher:
                 if job is None:
                     self.failure = None  # nothing is left unstored
                     return
+                if not retry:
+                    self._frozen += 1
+                    job.seq = self._frozen
                 try:
-                    t0 = trio.current_time()
-                    if job.chunks:
-                        await trio.to_thread.run_sync(self._prepare, job)
-                    t1 = trio.current_time()
-                    deltas = await trio.to_thread.run_sync(job.commit, self.fs.view)
-                    log.debug(
-                        "event=flushed bytes=%d chunks=%d prepare_ms=%.1f commit_ms=%.1f",
-                        job.dirty_bytes,
-                        len(job.chunks),
-                        (t1 - t0) * 1000,
-                        (trio.current_time() - t1) * 1000,
-                    )
+                    t0 = time.perf_counter()
+                    deltas, prepare = await trio.to_thread.run_sync(self._store, job)
+                    if log.isEnabledFor(logging.DEBUG):
+                        self._log_flushed(job, t0 - tb, prepare, time.perf_counter() - t0)
                 except BaseException as exc:
                     self.fs.finish_flush(job, None)
                     if not isinstance(exc, Exception):
@@ -298,23 +355,35 @@ class Flusher:
                     )
                     raise self.failure from exc
                 self.failure = None
+                self._committed = job.seq
                 try:
                     self.fs.finish_flush(job, deltas)
                 except Exception as exc:  # committed; only the bookkeeping after it failed
                     raise failure(exc) from exc
                 self._stored(list(job.layer.files))
-                if not retry:
-                    return  # what was buffered before the call is committed
+
+    def _log_flushed(self, job: FlushJob, begin: float, prepare: float, total: float) -> None:
+        c = self.fs.store.last_commit
+        log.debug(
+            "event=flushed seq=%d bytes=%d chunks=%d begin_ms=%.2f prepare_ms=%.2f "
+            "thread_ms=%.2f txn_body_ms=%.2f segment_sync_ms=%.2f lmdb_commit_ms=%.2f",
+            job.seq,
+            job.dirty_bytes,
+            len(job.chunks),
+            begin * 1000,
+            prepare * 1000,
+            total * 1000,
+            c.body * 1000 if c else -1,
+            c.segment_sync * 1000 if c else -1,
+            c.lmdb_commit * 1000 if c else -1,
+        )
 
     def _stored(self, inos: list[int]) -> None:
         """The flushed files' st_blocks changed (estimate -> stored): the kernel may
         hold their attributes for ``ATTR_TIMEOUT``, so drop them, in the background
         (a thread, as every invalidation here: never on the request path)."""
         if inos and self.nursery is not None:
-            with contextlib.suppress(RuntimeError):  # the nursery has closed: unmounting
-                self.nursery.start_soon(
-                    functools.partial(trio.to_thread.run_sync, _invalidate_all_attrs, inos)
-                )
+            self._invalidator.put(inos)
 
     async def wait_idle(self) -> None:
         """Wait for the flush in flight, if any, to finish."""
