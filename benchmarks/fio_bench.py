@@ -50,6 +50,7 @@ measurement, not an error: the exit code is 0 and the misses are listed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -218,6 +219,16 @@ def code_python(code: Path) -> str:
     if not python.exists():
         raise OSError(f"no {python}: run `make setup` in {code} first")
     return str(python)
+
+
+def parse_code(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or name == "plain":
+        raise argparse.ArgumentTypeError(f"--code wants NAME=TREE (NAME not 'plain'): {text!r}")
+    tree = Path(path).resolve()
+    if not (tree / "fusedrive" / "fuse_adapter.py").exists():
+        raise argparse.ArgumentTypeError(f"{tree} holds no fusedrive tree")
+    return name, tree
 
 
 def start_fusedrive(

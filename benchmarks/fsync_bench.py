@@ -57,6 +57,7 @@ from .fio_bench import (
     cpu_seconds,
     create_volume,
     fsync_dir,
+    parse_code,
     start_fusedrive,
     work_directory,
 )
@@ -165,7 +166,11 @@ def job_append(d: Path, cfg: Config) -> dict[str, Any]:
     try:
         os.fsync(fd)
         t0 = time.perf_counter()
-        lat = _loop(fd, cfg.seconds, lambda fd, i: os.write(fd, _fresh(buf, i)) and None)
+
+        def step(fd: int, i: int) -> None:
+            os.write(fd, _fresh(buf, i))
+
+        lat = _loop(fd, cfg.seconds, step)
         return _summary(lat, time.perf_counter() - t0)
     finally:
         os.close(fd)
@@ -288,9 +293,9 @@ def run(
                     raw[job][t].append(res)
                     print(f"round {r + 1} {job:14} {t:10} {_line(job, res)}", flush=True)
         for name, d in daemons.items():
-            code = d.stop()
-            if code != 0:
-                raise RuntimeError(f"{name} daemon exited {code}:\n{d.log_tail()}")
+            exit_code = d.stop()
+            if exit_code != 0:
+                raise RuntimeError(f"{name} daemon exited {exit_code}:\n{d.log_tail()}")
         results["machine"]["loadavg_end"] = list(os.getloadavg())
     summary: dict[str, Any] = {}
     for job in jobs:
@@ -304,6 +309,11 @@ def run(
         if m == "ops_per_s":
             summary[job]["p50_us"] = {
                 t: statistics.median(x["p50_us"] for x in raw[job][t]) for t in targets
+            }
+            # The daemon's CPU per op: steadier than its latency on a busy machine.
+            summary[job]["daemon_cpu_us_per_op"] = {
+                t: statistics.median(1e6 * x["daemon_cpu_s"] / x["ops"] for x in raw[job][t])
+                for t in daemons
             }
     results["jobs"] = raw
     results["summary"] = summary
@@ -330,16 +340,9 @@ def print_summary(summary: dict[str, Any], targets: list[str]) -> None:
             num = f"{v:.2f} s" if s["metric"] == "seconds" else f"{v:.0f}/s"
             cells.append(f"{num} ({ratio:.2f}x)")
         print(f"{job:14} " + " ".join(f"{c:>22}" for c in cells))
-
-
-def parse_code(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or name == "plain":
-        raise argparse.ArgumentTypeError(f"--code wants NAME=TREE (NAME not 'plain'): {text!r}")
-    tree = Path(path).resolve()
-    if not (tree / "fusedrive" / "fuse_adapter.py").exists():
-        raise argparse.ArgumentTypeError(f"{tree} holds no fusedrive tree")
-    return name, tree
+        cpu = s.get("daemon_cpu_us_per_op")
+        if cpu:
+            print(f"{'  cpu/op':14} " + " ".join(f"{cpu[t]:>20.0f}us" for t in cpu))
 
 
 def main(argv: list[str] | None = None) -> int:
