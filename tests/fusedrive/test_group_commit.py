@@ -19,7 +19,7 @@ import trio
 from blockstore import Store
 from fusedrive import Ctx, Filesystem
 from fusedrive.filedata import FlushJob
-from fusedrive.fuse_adapter import Flusher
+from fusedrive.flusher import Flusher
 from fusedrive.schema import ROOT_INO
 
 MiB = 1 << 20
