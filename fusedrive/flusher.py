@@ -165,7 +165,9 @@ class Flusher:
         # anything changed since the last freeze, else the last one frozen.
         need = self._frozen + (1 if fs.data.live or fs.dirty or fs.sb_dirty else 0)
         async with self.lock:
-            while self._committed < need:  # a failed job first, if any, then the live layer
+            # A failed job waiting for its retry (whoever froze it) goes first, whatever
+            # ``need`` says: a flush never returns while changes it could owe are unstored.
+            while self._committed < need or self.fs.data.inflight is not None:
                 retry = self.fs.data.inflight is not None
                 tb = time.perf_counter()
                 try:
@@ -196,7 +198,7 @@ class Flusher:
                     )
                     raise self.failure from exc
                 self.failure = None
-                self._committed = job.seq
+                self._committed = max(self._committed, job.seq)
                 try:
                     self.fs.finish_flush(job, deltas)
                 except Exception as exc:  # committed; only the bookkeeping after it failed

@@ -8,6 +8,7 @@ is read from LMDB's own transaction counter.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import trio
 
 from blockstore import Store
 from fusedrive import Ctx, Filesystem
+from fusedrive.errors import FsError
 from fusedrive.filedata import FlushJob
 from fusedrive.flusher import Flusher
 from fusedrive.schema import ROOT_INO
@@ -140,3 +142,30 @@ def test_a_flush_with_nothing_new_waits_for_the_commit_in_flight_only(fs: Filesy
     finally:
         flusher.close()
     assert not fs.has_pending()
+
+
+def test_a_job_that_failed_outside_the_flusher_is_retried_by_the_next_flush(
+    fs: Filesystem,
+) -> None:
+    """A synchronous flush (``Filesystem.flush``) that fails leaves its job for a retry
+    and nothing new buffered: the flusher's next flush must still store it (its own
+    job numbers say nothing is owed), never return with changes unstored."""
+    store = fs.store
+    fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, Ctx(0, 0))[0]
+    fs.flush()
+    flusher = Flusher(fs)
+    fs.write(fh, 0, b"y" * 5000)
+    store.set_reserve(os.statvfs(store.path).f_blocks * os.statvfs(store.path).f_frsize)
+    with pytest.raises(FsError) as failed:
+        fs.flush()  # the store is "full": the job fails and stays buffered
+    assert failed.value.errno == errno.ENOSPC
+    assert fs.data.inflight is not None and not fs.data.live
+    store.set_reserve(0)
+    start = last_txnid(store)
+    try:
+        trio.run(flusher.flush)
+    finally:
+        flusher.close()
+    assert last_txnid(store) - start == 1
+    assert not fs.has_pending()
+    assert fs.read(fh, 0, 5000) == b"y" * 5000
