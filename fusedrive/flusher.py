@@ -3,8 +3,8 @@
 Preparing a flush (hashing and compressing chunks) runs in a small pool, since
 hashlib and zstandard release the GIL: writes send it the chunks they complete,
 and once a flush is due the chunks they create, so the next batch is prepared
-while the previous one commits (see ``FileData.prepare_ahead``); the rest of the
-prepare and the LMDB commit run in one worker thread. At most one flush runs at a
+while the previous one commits (see ``FileData.prepare_ahead``); the LMDB commit
+runs in a worker thread. At most one flush runs at a
 time (``Flusher.lock``) while handlers keep filling a fresh layer on the trio
 thread, and flushes called while one commits share the next commit (group commit,
 see ``Flusher``).
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL = 3.0
 IDLE_FLUSH = 0.5
 PREPARE_THREADS = 2
-SMALL_JOB_CHUNKS = 4  # a job of at most this many chunks is prepared in its commit thread
 
 
 def invalidate_attrs(ino: int) -> None:
@@ -97,7 +96,7 @@ class _Invalidator:
 
 
 class Flusher:
-    """Runs flushes one at a time, with hashing, compression and commit in a thread.
+    """Runs flushes one at a time, with hashing, compression and commit in threads.
 
     Group commit: every change buffered before a flush *freezes* its job is in that
     job, so a flush called while another commits needs only the next job, and callers
@@ -106,10 +105,11 @@ class Flusher:
     is retried before anything new is frozen). Concurrent fsyncs thus cost one commit
     between them, not one each.
 
-    A job is prepared (hashed, compressed) and committed in ONE worker thread: small
-    jobs (an fsync after a few writes) are prepared right there, larger ones across
-    the prepare pool, which is also ``FileData.prepare_pool``: chunks sent ahead by
-    writes are usually ready when the flush freezes them.
+    The pool that prepares chunks is also ``FileData.prepare_pool``: chunks sent
+    ahead by writes are usually ready when the flush freezes them. (Preparing and
+    committing in one worker thread, one handoff fewer, used less CPU per fsync but
+    measured slower for one writer doing 8 KiB write + fdatasync: 68 against 101-112
+    fsyncs/s over 5 interleaved rounds; docs/datapath.md.)
     """
 
     def __init__(self, fs: Filesystem) -> None:
@@ -135,9 +135,6 @@ class Flusher:
 
     def _prepare(self, job: FlushJob) -> None:
         fs = self.fs
-        if len(job.chunks) <= SMALL_JOB_CHUNKS:  # a thread handoff costs more than the work
-            job.prepare(fs.store, fs.data.level)
-            return
         parts = [
             self._pool.submit(job.prepare, fs.store, fs.data.level, part, PREPARE_THREADS)
             for part in range(PREPARE_THREADS)
@@ -145,13 +142,8 @@ class Flusher:
         for f in parts:
             f.result()
 
-    def _store(self, job: FlushJob) -> tuple[dict[int, int], float]:
-        """Prepare and commit ``job`` (in a worker thread); its deltas and prepare time."""
-        t0 = time.perf_counter()
-        if job.chunks:
-            self._prepare(job)
-        t1 = time.perf_counter()
-        return job.commit(self.fs.view), t1 - t0
+    def _commit(self, job: FlushJob) -> dict[int, int]:
+        return job.commit(self.fs.view)
 
     async def flush(self) -> None:
         """Commit everything buffered before the call (sharing a commit with others).
@@ -182,9 +174,12 @@ class Flusher:
                     job.seq = self._frozen
                 try:
                     t0 = time.perf_counter()
-                    deltas, prepare = await trio.to_thread.run_sync(self._store, job)
+                    if job.chunks:
+                        await trio.to_thread.run_sync(self._prepare, job)
+                    t1 = time.perf_counter()
+                    deltas = await trio.to_thread.run_sync(self._commit, job)
                     if log.isEnabledFor(logging.DEBUG):
-                        self._log_flushed(job, t0 - tb, prepare, time.perf_counter() - t0)
+                        self._log_flushed(job, t0 - tb, t1 - t0, time.perf_counter() - t1)
                 except BaseException as exc:
                     self.fs.finish_flush(job, None)
                     if not isinstance(exc, Exception):
@@ -205,17 +200,17 @@ class Flusher:
                     raise failure(exc) from exc
                 self._stored(list(job.layer.files))
 
-    def _log_flushed(self, job: FlushJob, begin: float, prepare: float, total: float) -> None:
+    def _log_flushed(self, job: FlushJob, begin: float, prepare: float, commit: float) -> None:
         c = self.fs.store.last_commit
         log.debug(
             "event=flushed seq=%d bytes=%d chunks=%d begin_ms=%.2f prepare_ms=%.2f "
-            "thread_ms=%.2f txn_body_ms=%.2f segment_sync_ms=%.2f lmdb_commit_ms=%.2f",
+            "commit_ms=%.2f txn_body_ms=%.2f segment_sync_ms=%.2f lmdb_commit_ms=%.2f",
             job.seq,
             job.dirty_bytes,
             len(job.chunks),
             begin * 1000,
             prepare * 1000,
-            total * 1000,
+            commit * 1000,
             c.body * 1000 if c else -1,
             c.segment_sync * 1000 if c else -1,
             c.lmdb_commit * 1000 if c else -1,

@@ -29,15 +29,15 @@ MiB = 1 << 20
 
 class GatedFlusher(Flusher):
     """The daemon's flusher, whose N-th job waits for ``gates[N]`` before its (real)
-    prepare and commit: the test decides when each commit may proceed."""
+    commit: the test decides when each commit may proceed."""
 
     def __init__(self, fs: Filesystem) -> None:
         super().__init__(fs)
         self.gates = {n: threading.Event() for n in (1, 2, 3)}
 
-    def _store(self, job: FlushJob) -> tuple[dict[int, int], float]:
+    def _commit(self, job: FlushJob) -> dict[int, int]:
         assert self.gates[job.seq].wait(60)
-        return super()._store(job)
+        return super()._commit(job)
 
 
 @pytest.fixture
