@@ -26,7 +26,9 @@ Jobs (one process, the loop in Python; each op's latency from ``perf_counter``):
    sqlite3, ``synchronous=FULL``), with the WAL and with the rollback journal.
 
 1-4 run ``seconds`` each; the numbers are ops/s and latency percentiles; every op
-counts. The daemon's CPU seconds during each job come from ``/proc/PID/stat``.
+counts. The daemon's CPU seconds during each job come from ``/proc/PID/stat``, its
+store's commits from LMDB's transaction counter (ops per commit: above 1, fsyncs shared
+commits).
 
 Results: every repetition with the load average after it, medians per target, and
 ratios target / plain (ops/s: higher is better; SQLite seconds: lower is better).
@@ -50,6 +52,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import lmdb
 
 from . import machine
 from .fio_bench import (
@@ -249,6 +253,15 @@ RUNNERS: dict[str, Callable[[Path, Config], dict[str, Any]]] = {
 }
 
 
+def last_txnid(store: Path) -> int:
+    """The number of LMDB write transactions the store has committed (read-only look)."""
+    env = lmdb.open(str(store), readonly=True, max_dbs=16, subdir=True)
+    try:
+        return int(env.info()["last_txnid"])
+    finally:
+        env.close()
+
+
 def metric(job: str) -> str:
     return "seconds" if job in TIMED else "ops_per_s"
 
@@ -268,8 +281,9 @@ def run(
         dirs: dict[str, Path] = {"plain": work / "plain"}
         dirs["plain"].mkdir()
         daemons: dict[str, Daemon] = {}
+        stores: dict[str, Path] = {}
         for name, code in codes.items():
-            store = work / f"store-{name}"
+            store = stores[name] = work / f"store-{name}"
             create_volume(store, "bench", cfg.volume_bytes, code=code)
             d = start_fusedrive(store, "bench", work / f"mnt-{name}", work / f"{name}.log", code)
             stack.callback(d.stop)
@@ -285,9 +299,12 @@ def run(
                 for t in order:
                     pid = daemons[t].pid if t in daemons else None
                     c0 = cpu_seconds(pid) if pid else 0.0
+                    n0 = last_txnid(stores[t]) if t in stores else 0
                     res = RUNNERS[job](dirs[t], cfg)
                     if pid:
                         res["daemon_cpu_s"] = cpu_seconds(pid) - c0
+                        # Store commits during the job (its setup's few included).
+                        res["commits"] = last_txnid(stores[t]) - n0
                     res["round"] = r
                     res["loadavg_after"] = list(os.getloadavg())
                     raw[job][t].append(res)
@@ -309,6 +326,10 @@ def run(
         if m == "ops_per_s":
             summary[job]["p50_us"] = {
                 t: statistics.median(x["p50_us"] for x in raw[job][t]) for t in targets
+            }
+            summary[job]["ops_per_commit"] = {
+                t: statistics.median(x["ops"] / max(x["commits"], 1) for x in raw[job][t])
+                for t in daemons
             }
             # The daemon's CPU per op: steadier than its latency on a busy machine.
             summary[job]["daemon_cpu_us_per_op"] = {
@@ -343,6 +364,8 @@ def print_summary(summary: dict[str, Any], targets: list[str]) -> None:
         cpu = s.get("daemon_cpu_us_per_op")
         if cpu:
             print(f"{'  cpu/op':14} " + " ".join(f"{cpu[t]:>20.0f}us" for t in cpu))
+            per = s["ops_per_commit"]
+            print(f"{'  ops/commit':14} " + " ".join(f"{per[t]:>22.2f}" for t in per))
 
 
 def main(argv: list[str] | None = None) -> int:
