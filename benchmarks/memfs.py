@@ -3,10 +3,16 @@
 Written for ``fio_bench`` only. It does the least work a correct pyfuse3 filesystem can
 do per request (a dict lookup, a bytearray slice), so what ``fio_bench`` measures
 through it is the cost of the kernel, libfuse, pyfuse3 and trio: the best any Python
-FUSE filesystem reaches on this machine. It implements what fio and the small-file
-job use (lookup, getattr, setattr of size and times, create, open, read, write,
-release, unlink, mkdir, rmdir, opendir, readdir, releasedir, statfs, flush, fsync);
-everything else is ENOSYS.
+FUSE filesystem reaches on this machine. It implements what fio, the small-file
+job and ``meta_bench`` use (lookup, getattr, setattr of size, mode, owner and times,
+create, open, read, write, release, unlink, rename, mkdir, rmdir, opendir, readdir,
+releasedir, statfs, flush, fsync, and getxattr, which finds no attribute); everything
+else is ENOSYS.
+
+getxattr answers ENODATA rather than ENOSYS so that memfs pays the round trips
+fusedrive pays: the kernel asks for ``security.capability`` before every write(2),
+truncating open and chown, unless the daemon once answered ENOSYS (then it never asks
+again, which a filesystem with extended attributes cannot do).
 
 It mounts with the kernel options fusedrive uses (``default_permissions``, ``nosuid``,
 ``nodev``, ``allow_other``, writeback caching off, ``keep_cache`` on open, the same
@@ -175,6 +181,10 @@ class MemFs(pyfuse3.Operations):
             i.mtime = now
         if fields.update_mode:
             i.mode = stat.S_IFMT(i.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            i.uid = attr.st_uid
+        if fields.update_gid:
+            i.gid = attr.st_gid
         if fields.update_atime:
             i.atime = attr.st_atime_ns
         if fields.update_mtime:
@@ -220,6 +230,41 @@ class MemFs(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._remove(parent_inode, name, want_dir=False)
+
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        old, new = self._dir(parent_inode_old), self._dir(parent_inode_new)
+        ino = old.get(name_old)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        i = self.inodes[ino]
+        if name_new in new:  # replacing: only a file by a file (enough for benchmarks)
+            target = self.inodes[new[name_new]]
+            if i.children is not None or target.children is not None:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            target.nlink -= 1
+            self._drop_if_unused(target)
+        del old[name_old]
+        new[name_new] = ino
+        now = time.time_ns()
+        for p in {parent_inode_old, parent_inode_new}:
+            self.inodes[p].mtime = self.inodes[p].ctime = now
+        if i.children is not None and parent_inode_old != parent_inode_new:
+            self.inodes[parent_inode_old].nlink -= 1
+            self.inodes[parent_inode_new].nlink += 1
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._get(inode)
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext

@@ -213,12 +213,13 @@ class Batch:
         return self.view.store._read_chunks(self._t.txn, refs) if refs else []
 
     def _visible_chunk_length(self, key: bytes) -> int:
-        raw = ly.lookup_raw(self._t.txn, self._dbs, self._lin, key)
-        return struct.unpack(">I", raw[33:37])[0] if raw is not None and raw[:1] == b"C" else 0
+        return _chunk_length(ly.lookup_raw(self._t.txn, self._dbs, self._lin, key))
 
-    def _charge(self, key: bytes, new_length: int) -> None:
-        """Account a visible chunk of ``new_length`` replacing whatever ``key`` had."""
-        old = self._visible_chunk_length(key)
+    def _charge(self, key: bytes, new_length: int, old: int | None = None) -> None:
+        """Account a visible chunk of ``new_length`` replacing whatever ``key`` had
+        (``old``: its visible chunk length, when the caller has already looked)."""
+        if old is None:
+            old = self._visible_chunk_length(key)
         used = self.used - old + new_length
         if new_length > old and used > self.capacity:
             raise NoSpace(
@@ -228,8 +229,14 @@ class Batch:
         self.used = used
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._charge(key, 0)
-        old = ly.set_version(self._t.txn, self._dbs, self._lin, key, ly.encode_value(value))
+        txn, dbs, lin = self._t.txn, self._dbs, self._lin
+        # The head's own version, when there is one (or the head is the whole lineage),
+        # is the visible one: a get, not a cursor walk (a flush puts every changed
+        # inode record and directory entry, so this is per metadata operation).
+        own = ly.own_version(txn, dbs, lin, key)
+        known = own is not None or len(lin.ancestry) == 1
+        self._charge(key, 0, _chunk_length(own) if known else None)
+        old = ly.set_version(txn, dbs, lin, key, ly.encode_value(value))
         self._t.release_version(old)
 
     def put_chunk(self, key: bytes, prep: ch.PreparedChunk) -> None:
@@ -254,9 +261,10 @@ class Batch:
     def delete(self, key: bytes) -> bool:
         """Hide ``key`` in this view; True if it was visible."""
         txn, dbs, lin = self._t.txn, self._dbs, self._lin
-        if ly.lookup_raw(txn, dbs, lin, key) is None:
+        raw = ly.lookup_raw(txn, dbs, lin, key)
+        if raw is None:
             return False
-        self._charge(key, 0)
+        self._charge(key, 0, _chunk_length(raw))  # one lookup, not two: unlink pays per key
         below = ly.parent_lookup_raw(txn, dbs, lin, key)
         old = ly.set_version(txn, dbs, lin, key, ly.TOMBSTONE if below is not None else None)
         self._t.release_version(old)
@@ -268,3 +276,8 @@ class Batch:
         for k in keys:
             self.delete(k)
         return len(keys)
+
+
+def _chunk_length(raw: bytes | None) -> int:
+    """The raw length of the chunk a visible version points at (0: not a chunk)."""
+    return struct.unpack(">I", raw[33:37])[0] if raw is not None and raw[:1] == b"C" else 0

@@ -200,6 +200,7 @@ class Operations(pyfuse3.Operations):
         # Readdir answers keep at most SHARED: while attributes from a READDIRPLUS
         # reply are valid, an invalidation does not reach them (measured, Linux 6.18).
         self.readdir_timeouts = CacheTimeouts(*map(min, zip(timeouts, SHARED, strict=True)))
+        self._negative = _negative_entry(timeouts.entry)
         self.flusher = Flusher(fs)
         self.fetcher = Fetcher(fs)
         self.largest_write = 0  # observed request size, reported at unmount
@@ -226,11 +227,14 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         with _fuse_errors("lookup"):
             try:
-                return _entry(self.fs.lookup(parent_inode, name), self.timeouts)
+                a = self.fs.find(parent_inode, name)
             except FsError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-                return _negative_entry(self.timeouts.entry)
+                a = None
+            if a is None:
+                return self._negative  # pyfuse3 copies it into its reply: one serves all
+            return _entry(a, self.timeouts)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -422,7 +426,10 @@ class Operations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         with _fuse_errors("getxattr"):
-            return self.fs.getxattr(inode, name)
+            value = self.fs.find_xattr(inode, name)
+            if value is None:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return value
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         with _fuse_errors("listxattr"):

@@ -25,7 +25,7 @@ import logging
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from blockstore import Corrupt, View
 
@@ -62,16 +62,19 @@ ACL_XATTRS = frozenset({b"system.posix_acl_access", b"system.posix_acl_default"}
 _RELATIME_NS = 24 * 3600 * 10**9
 
 
-@dataclass(frozen=True, slots=True)
-class Ctx:
+# Ctx and Attributes are NamedTuples, not frozen dataclasses: one of each is built per
+# request, and a frozen dataclass's __init__ costs several times a tuple's (measured
+# 4.2 us against 1.0 us for Attributes; the daemon's whole getattr handler is ~3.5 us).
+class Ctx(NamedTuple):
     """Who asks: the owner of anything the request creates."""
 
     uid: int = 0
     gid: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Attributes:
+class Attributes(NamedTuple):
+    """What stat(2) shows of an inode (``Namespace._attrs``)."""
+
     ino: int
     mode: int
     nlink: int
@@ -242,6 +245,7 @@ class Namespace:
             return
         if node.lookups > 0 or node.opens > 0:
             self.data.live.kv[orphan_key(node.ino)] = b""
+            node.orphaned = True
         else:
             self._destroy(node.ino)
 
@@ -249,18 +253,32 @@ class Namespace:
         if node.nlink == 0 and node.lookups <= 0 and node.opens <= 0 and not self.read_only:
             self._destroy(node.ino)
 
-    def _destroy(self, ino: int) -> None:
-        """Delete every record of ``ino`` (at the next flush)."""
-        self.data.live.hide(ino, 0, INF)
-        kv = self.data.live.kv
-        kv[inode_key(ino)] = kv[symlink_key(ino)] = kv[orphan_key(ino)] = None
+    def _destroy(self, ino: int, *, orphan: bool = False) -> None:
+        """Delete every record of ``ino`` (at the next flush).
+
+        ``orphan``: an orphan marker may be stored for it (also known from the loaded
+        inode). Records a loaded inode cannot have are not deleted: every delete costs
+        the commit a store lookup, and unlink is on the metadata hot path. Only a
+        regular file of nonzero size has chunks (no chunk holds bytes at or past its
+        file's size: a truncate to 0 already hid them), only a symlink a target, and
+        only an inode marked in ``_unlinked`` (or found by the startup scan) a marker.
+        """
+        live = self.data.live
+        kv = live.kv
+        node = self.inodes.pop(ino, None)
+        kv[inode_key(ino)] = None
+        if node is None or (stat.S_ISREG(node.mode) and node.size > 0):
+            live.hide(ino, 0, INF)
+        if node is None or stat.S_ISLNK(node.mode):
+            kv[symlink_key(ino)] = None
+        if node is None or orphan or node.orphaned:
+            kv[orphan_key(ino)] = None
         xa = self.xattrs.pop(ino, None)
         if xa is None:
-            self.data.live.prefix_deletes.append(xattr_prefix(ino))
+            live.prefix_deletes.append(xattr_prefix(ino))
         else:
             for name in xa:
                 kv[xattr_key(ino, name)] = None
-        self.inodes.pop(ino, None)
         self.dirs.pop(ino, None)
         self.dirty.discard(ino)
         self.inode_count -= 1
@@ -299,12 +317,33 @@ class Namespace:
     @fs_op
     def lookup(self, parent: int, name: bytes) -> Attributes:
         """Look ``name`` up in ``parent``; counts one kernel lookup of the result."""
+        a = self._lookup(parent, name)
+        if a is None:
+            raise FsError(errno.ENOENT)
+        return a
+
+    @fs_op
+    def find(self, parent: int, name: bytes) -> Attributes | None:
+        """``lookup``, with None rather than ENOENT for a name ``parent`` lacks.
+
+        The FUSE adapter's path: a lookup of a missing name precedes every create,
+        and raising costs more than the rest of the request (``FsError`` builds its
+        message). A missing or non-directory ``parent`` still raises.
+        """
+        return self._lookup(parent, name)
+
+    def _lookup(self, parent: int, name: bytes) -> Attributes | None:
         if name == b".":
             node = self._inode(parent)
         elif name == b"..":
             node = self._inode(self._inode(parent).parent or ROOT_INO)
         else:
-            node = self._child(parent, name)[1]
+            check_name(name)
+            self._inode(parent)
+            ent = self._dir(parent).entries.get(name)
+            if ent is None:
+                return None
+            node = self._inode(ent[0])
         node.lookups += 1
         return self._attrs(node)
 
@@ -560,11 +599,17 @@ class Namespace:
 
     @fs_op
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        check_xattr_name(name)
-        value = self._xattrs(ino).get(name)
+        value = self.find_xattr(ino, name)
         if value is None:
             raise FsError(errno.ENODATA)
         return value
+
+    @fs_op
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """``getxattr``, with None rather than ENODATA for a missing name: the kernel asks
+        for ``security.capability`` before every write and chown, and it is never there."""
+        check_xattr_name(name)
+        return self._xattrs(ino).get(name)
 
     @fs_op
     def listxattr(self, ino: int) -> list[bytes]:

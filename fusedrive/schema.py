@@ -251,6 +251,7 @@ class Inode:
     next_cookie: int = 1
     lookups: int = 0  # kernel lookup count (FUSE lookup/forget); not stored
     opens: int = 0  # open file handles; not stored
+    orphaned: bool = False  # an orphan marker was written for it; not stored
 
     @classmethod
     def from_record(cls, ino: int, r: InodeRecord) -> Inode:
