@@ -50,6 +50,7 @@ measurement, not an error: the exit code is 0 and the misses are listed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -155,7 +156,9 @@ def mounts_under(root: Path) -> list[str]:
 class Daemon:
     """One FUSE daemon process started by this run, serving one mount point."""
 
-    def __init__(self, name: str, argv: list[str], mountpoint: Path, logfile: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], mountpoint: Path, logfile: Path, cwd: Path = REPO
+    ) -> None:
         self.name = name
         self.mountpoint = mountpoint
         self.logfile = logfile
@@ -168,7 +171,7 @@ class Daemon:
                     pass_fds=(w,),
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    cwd=REPO,
+                    cwd=cwd,
                     start_new_session=True,  # the harness orders shutdown, not Ctrl-C
                 )
         finally:
@@ -208,9 +211,33 @@ class Daemon:
                 subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
 
-def start_fusedrive(store: Path, volume: str, mountpoint: Path, logfile: Path) -> Daemon:
-    argv = [sys.executable, "-m", "fusedrive.fuse_adapter", str(store), str(mountpoint)]
-    return Daemon("fusedrive", [*argv, "--volume", volume], mountpoint, logfile)
+def code_python(code: Path) -> str:
+    """The interpreter that runs the fusedrive of the tree ``code`` (its own venv)."""
+    if code == REPO:
+        return sys.executable
+    python = code / ".venv" / "bin" / "python"
+    if not python.exists():
+        raise OSError(f"no {python}: run `make setup` in {code} first")
+    return str(python)
+
+
+def parse_code(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or name == "plain":
+        raise argparse.ArgumentTypeError(f"--code wants NAME=TREE (NAME not 'plain'): {text!r}")
+    tree = Path(path).resolve()
+    if not (tree / "fusedrive" / "fuse_adapter.py").exists():
+        raise argparse.ArgumentTypeError(f"{tree} holds no fusedrive tree")
+    return name, tree
+
+
+def start_fusedrive(
+    store: Path, volume: str, mountpoint: Path, logfile: Path, code: Path = REPO
+) -> Daemon:
+    """A daemon of the fusedrive in the tree ``code`` (this one by default; ``python -m``
+    imports from the working directory first, so the daemon runs in ``code``)."""
+    argv = [code_python(code), "-m", "fusedrive.fuse_adapter", str(store), str(mountpoint)]
+    return Daemon("fusedrive", [*argv, "--volume", volume], mountpoint, logfile, cwd=code)
 
 
 def start_memfs(mountpoint: Path, logfile: Path) -> Daemon:
@@ -219,17 +246,17 @@ def start_memfs(mountpoint: Path, logfile: Path) -> Daemon:
     return Daemon("memfs", [*argv, "--attr-timeout", str(CACHED.attr)], mountpoint, logfile)
 
 
-def fusedrive_cli(store: Path, *args: str) -> str:
-    """Run the ``fusedrive`` command line on ``store``; its stdout."""
-    cmd = [sys.executable, "-m", "fusedrive", "--store", str(store), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def fusedrive_cli(store: Path, *args: str, code: Path = REPO) -> str:
+    """Run the ``fusedrive`` command line (of the tree ``code``) on ``store``; its stdout."""
+    cmd = [code_python(code), "-m", "fusedrive", "--store", str(store), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=code)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[2:])} failed ({proc.returncode}): {proc.stderr}")
     return proc.stdout
 
 
-def create_volume(store: Path, name: str, size: int) -> None:
-    fusedrive_cli(store, "volume", "create", name, "--size", f"{-(-size // MiB)}MiB")
+def create_volume(store: Path, name: str, size: int, code: Path = REPO) -> None:
+    fusedrive_cli(store, "volume", "create", name, "--size", f"{-(-size // MiB)}MiB", code=code)
 
 
 def store_stats(store: Path) -> dict[str, Any]:

@@ -17,6 +17,10 @@ child of this process (``Popen(user=...)``), listening only on a unix socket in 
 private directory outside the data directory; it is stopped by PID (SIGINT, then
 SIGQUIT, then SIGKILL), as tests/fusedrive/programs/test_postgres.py does.
 
+``--code NAME=TREE`` (repeatable) serves a fusedrive target NAME with the code of TREE
+(its own venv and working directory, its own store), so that two versions compare in one
+run; without it the one fusedrive target runs this tree.
+
 Results: every repetition with the load average after it, the medians, and the ratios
 fusedrive / plain (TPS, higher is better) and fusedrive / plain (load seconds, lower
 is better), against issue 18's goals (TPS >= 0.6 x plain, load <= 2 x plain). A
@@ -31,6 +35,7 @@ failure; the work directory is removed only when nothing is mounted under it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -44,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import command, machine
-from .fio_bench import Daemon, create_volume, mounts_under, start_fusedrive
+from .fio_bench import Daemon, create_volume, mounts_under, parse_code, start_fusedrive
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,7 @@ GiB = 1 << 30
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "pg.json"
 DEFAULT_TMP = REPO / ".bench-tmp"
-TARGETS = ("fusedrive", "plain")
+TARGETS = ("fusedrive", "plain")  # without --code
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 STEP_TIMEOUT = 1800.0
@@ -229,33 +234,44 @@ def machine_info(work: Path, bindir: Path) -> dict[str, Any]:
     return machine.describe(work, postgres=_run([str(bindir / "postgres"), "--version"]).strip())
 
 
-def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    rounds: list[dict[str, Any]], codes: Sequence[str] = ("fusedrive",)
+) -> dict[str, Any]:
+    """Medians per target, and each fusedrive target's ratios to plain against the goals.
+
+    The default target's keys are ``tps_fusedrive_to_plain`` etc.; a target NAME of
+    ``--code NAME=TREE`` gets ``tps_NAME_to_plain``.
+    """
     per: dict[str, Any] = {}
-    for t in TARGETS:
+    for t in (*codes, "plain"):
         mine = [r for r in rounds if r["target"] == t]
         per[t] = {k: statistics.median(r[k] for r in mine) for k in ("tps", "load_s", "initdb_s")}
-    f, p = per["fusedrive"], per["plain"]
-    ratios = {
-        "tps_fusedrive_to_plain": f["tps"] / p["tps"],
-        "load_fusedrive_to_plain": f["load_s"] / p["load_s"],
-        "initdb_fusedrive_to_plain": f["initdb_s"] / p["initdb_s"],
-    }
-    targets = [
-        {
-            "name": "pgbench TPS vs plain dir",
-            "measured": ratios["tps_fusedrive_to_plain"],
-            "comparison": ">=",
-            "limit": TPS_GOAL,
-            "pass": ratios["tps_fusedrive_to_plain"] >= TPS_GOAL,
-        },
-        {
-            "name": "pgbench -i load time vs plain dir",
-            "measured": ratios["load_fusedrive_to_plain"],
-            "comparison": "<=",
-            "limit": LOAD_GOAL,
-            "pass": ratios["load_fusedrive_to_plain"] <= LOAD_GOAL,
-        },
-    ]
+    p = per["plain"]
+    ratios: dict[str, float] = {}
+    targets: list[dict[str, Any]] = []
+    for name in codes:
+        f = per[name]
+        tps, load = f["tps"] / p["tps"], f["load_s"] / p["load_s"]
+        ratios[f"tps_{name}_to_plain"] = tps
+        ratios[f"load_{name}_to_plain"] = load
+        ratios[f"initdb_{name}_to_plain"] = f["initdb_s"] / p["initdb_s"]
+        label = "" if name == "fusedrive" else f" ({name})"
+        targets += [
+            {
+                "name": f"pgbench TPS vs plain dir{label}",
+                "measured": tps,
+                "comparison": ">=",
+                "limit": TPS_GOAL,
+                "pass": tps >= TPS_GOAL,
+            },
+            {
+                "name": f"pgbench -i load time vs plain dir{label}",
+                "measured": load,
+                "comparison": "<=",
+                "limit": LOAD_GOAL,
+                "pass": load <= LOAD_GOAL,
+            },
+        ]
     return {"medians": per, "ratios": ratios, "targets": targets}
 
 
@@ -301,9 +317,15 @@ def run(
     tmp_root: Path = DEFAULT_TMP,
     console: Console | None = None,
     mode: str = "full",
+    codes: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Every round on both targets; writes the JSON and returns the results."""
+    """Every round on every target; writes the JSON and returns the results.
+
+    ``codes``: fusedrive targets, name -> the tree whose code serves it (default: this
+    tree, named ``fusedrive``); each gets its own store and daemon.
+    """
     console = console or Console()
+    codes = codes or {"fusedrive": REPO}
     bindir = check_machine()
     with work_directory(tmp_root) as work, contextlib.ExitStack() as stack:
         results: dict[str, Any] = {
@@ -319,18 +341,28 @@ def run(
                 "medians over rounds"
             ),
         }
-        store = work / "store"
-        create_volume(store, "pg", cfg.volume_bytes)
-        daemon: Daemon = start_fusedrive(store, "pg", work / "mnt-fusedrive", work / "fd.log")
-        stack.callback(daemon.stop)
-        homes = {"fusedrive": daemon.mountpoint / "pg", "plain": work / "plain"}
+        results["codes"] = {name: str(tree) for name, tree in codes.items()}
+        daemons: dict[str, Daemon] = {}
+        homes: dict[str, Path] = {}
+        for name, tree in codes.items():
+            suffix = "" if name == "fusedrive" else f"-{name}"
+            store = work / f"store{suffix}"
+            create_volume(store, "pg", cfg.volume_bytes, code=tree)
+            daemon = start_fusedrive(
+                store, "pg", work / f"mnt-fusedrive{suffix}", work / f"fd{suffix}.log", tree
+            )
+            stack.callback(daemon.stop)
+            daemons[name] = daemon
+            homes[name] = daemon.mountpoint / "pg"
+        homes["plain"] = work / "plain"
         for home in homes.values():
             home.mkdir()
             shutil.chown(home, "postgres", "postgres")
         rounds: list[dict[str, Any]] = []
         t_start = time.perf_counter()
+        targets = [*codes, "plain"]
         for i in range(cfg.rounds):
-            order = TARGETS if i % 2 == 0 else TARGETS[::-1]
+            order = targets if i % 2 == 0 else targets[::-1]
             for t in order:
                 console.print(f"  round {i + 1}/{cfg.rounds} on {t}")
                 r = one_round(t, homes[t], cfg, bindir)
@@ -342,12 +374,14 @@ def run(
                 )
         results["rounds"] = rounds
         results["seconds"] = time.perf_counter() - t_start
-        results["daemon_pid"] = daemon.pid
-        code = daemon.stop()
-        if code != 0:
-            raise RuntimeError(f"fusedrive daemon exited {code} at unmount:\n{daemon.log_tail()}")
+        results["daemon_pid"] = next(iter(daemons.values())).pid
+        results["daemon_pids"] = {name: d.pid for name, d in daemons.items()}
+        for name, d in daemons.items():
+            code = d.stop()
+            if code != 0:
+                raise RuntimeError(f"{name} daemon exited {code} at unmount:\n{d.log_tail()}")
         results["machine"]["loadavg_end"] = list(os.getloadavg())
-    results.update(summarize(results["rounds"]))
+    results.update(summarize(results["rounds"], list(codes)))
     results["missed"] = [t["name"] for t in results["targets"] if not t["pass"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -358,17 +392,17 @@ def run(
 
 def print_summary(results: dict[str, Any], console: Console) -> None:
     table = Table(title="pgbench: fusedrive vs plain directory (same run, medians)")
-    for col in ("", "fusedrive", "plain", "fusedrive / plain", "goal"):
-        table.add_column(col, justify="right")
     med, r = results["medians"], results["ratios"]
+    codes = [t for t in med if t != "plain"]
+    for col in ("", *codes, "plain", *(f"{c} / plain" for c in codes), "goal"):
+        table.add_column(col, justify="right")
     goals = {"tps": f">= {TPS_GOAL:g}", "load_s": f"<= {LOAD_GOAL:g}", "initdb_s": ""}
     keys = {"tps": "tps", "load_s": "load", "initdb_s": "initdb"}
     for k, label in (("tps", "TPS"), ("load_s", "load seconds"), ("initdb_s", "initdb seconds")):
         table.add_row(
             label,
-            f"{med['fusedrive'][k]:,.2f}",
-            f"{med['plain'][k]:,.2f}",
-            f"{r[f'{keys[k]}_fusedrive_to_plain']:.2f}",
+            *(f"{med[t][k]:,.2f}" for t in (*codes, "plain")),
+            *(f"{r[f'{keys[k]}_{c}_to_plain']:.2f}" for c in codes),
             goals[k],
         )
     console.print(table)
@@ -379,8 +413,11 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--code", type=parse_code, action="append", metavar="NAME=TREE")
+    known, rest = pre.parse_known_args(argv)
     args = command.parse(
-        argv,
+        rest,
         prog="python -m benchmarks.pg_bench",
         doc=__doc__ or "",
         default_out=DEFAULT_OUT,
@@ -394,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = QUICK if args.quick else Config()
     console = Console()
     try:
-        run(cfg, args.out, args.tmp_dir, console, mode=args.mode)
+        run(cfg, args.out, args.tmp_dir, console, mode=args.mode, codes=dict(known.code or []))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 1

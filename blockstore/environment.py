@@ -28,8 +28,9 @@ import contextlib
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lmdb
@@ -77,6 +78,16 @@ def default_reserve(fs_bytes: int) -> int:
 def _translate(exc: BaseException) -> StoreError:
     err = store_error_of(exc)
     return err if err is not None else StoreError(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitTiming:
+    """Where the last write transaction of this process spent its time (seconds)."""
+
+    body: float  # from the write lock to the end of the caller's work (puts, appends)
+    segment_sync: float  # fdatasync of the segments it appended to (``segments`` of them)
+    lmdb_commit: float  # LMDB's commit: data pages, their fdatasync, the synced meta page
+    segments: int
 
 
 class _Txn:
@@ -322,6 +333,7 @@ class Environment:
         # Chunks this process found damaged on read (digest -> why): the next put of
         # one rewrites it, and the next write transaction marks it (``damaged``).
         self.damage_found: dict[bytes, str] = {}
+        self.last_commit: CommitTiming | None = None
         try:
             self._settings(compression_level, chunk_hash)
             if reserve is not None:
@@ -385,6 +397,7 @@ class Environment:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[_Txn]:
+        t0 = time.perf_counter()
         txn = self._begin(True)
         t = _Txn(self, txn)
         try:
@@ -392,9 +405,13 @@ class Environment:
             if self.damage_found:
                 t.persist_damage()
             t.commit_counters()
+            t1 = time.perf_counter()
             t.finish_segments()
+            t2 = time.perf_counter()
             txnid = txn.id()  # readers older than this may still see what it freed
             txn.commit()
+            t3 = time.perf_counter()
+            self.last_commit = CommitTiming(t1 - t0, t2 - t1, t3 - t2, len(t._written))
         except (lmdb.Error, OSError) as exc:
             # A full filesystem (a segment append, LMDB growing its file) is NoSpace;
             # the transaction is gone and the store is as it was before it.

@@ -165,6 +165,7 @@ class FlushJob:
         self.prepared: list[PreparedChunk | None] = [None] * len(self.chunks)
         self.level: int | None = None
         self.state = self.NEW
+        self.seq = 0  # the flusher's number for this job (its freeze order), 0 if none
 
     @property
     def dirty_bytes(self) -> int:
