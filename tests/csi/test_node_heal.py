@@ -258,11 +258,16 @@ def test_while_the_daemon_is_dead_stats_say_so_and_the_volume_still_tears_down(
     vid, staging, (target,) = stage_and_publish(csi, csi.plugin.base)
     kill_daemon(csi, staging)
     for path in (staging, target):
+        # The dead mount (ENOTCONN) can show before the death event (pidfd) is
+        # recorded: wait for the message that names the death, then check the rest.
         got = wait_for(
             "stats to notice the death",
-            lambda p=path: (s := stats(csi, vid, p)).volume_condition.abnormal and s,
+            lambda p=path: (
+                (s := stats(csi, vid, p)).volume_condition.abnormal
+                and "died" in s.volume_condition.message
+                and s
+            ),
         )
-        assert "died" in got.volume_condition.message
         assert "restart the pod" in got.volume_condition.message
         assert list(got.usage) == []
     with pytest.raises(OSError):
