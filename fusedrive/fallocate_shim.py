@@ -16,9 +16,10 @@ GIL held, exactly where pyfuse3's own handlers run; that function answers every
 request exactly once with ``reply``, at once or later from a trio task.
 
 This module must therefore be imported before pyfuse3 (``fuse_adapter`` imports it
-first). If the library was not built, cannot be loaded, or pyfuse3 was imported
-first, nothing changes: fallocate keeps failing with EOPNOTSUPP, and ``problem``
-says why (the daemon logs it at mount).
+first). If the library was not built, cannot be loaded, pyfuse3 was imported first,
+or ``FUSEDRIVE_FALLOCATE_SHIM=off`` is set in the daemon's environment, nothing
+changes: fallocate fails with EOPNOTSUPP as pyfuse3 alone would have it, and
+``problem`` says why (the daemon logs it at mount).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import ctypes
 import errno
 import importlib.machinery
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+ENV = "FUSEDRIVE_FALLOCATE_SHIM"  # "off": do not load the shim (see above)
 # (request, inode, mode, offset, length, file handle) -> None; the request is an
 # opaque pointer (an int) to pass to ``reply``.
 Handler = Callable[[int, int, int, int, int, int], None]
@@ -53,6 +56,8 @@ def _library_path() -> Path | None:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get(ENV, "").lower() in ("off", "0", "no"):
+        return None, f"turned off ({ENV}={os.environ[ENV]})"
     if "pyfuse3" in sys.modules:
         return None, "pyfuse3 was imported before fusedrive.fallocate_shim"
     path = _library_path()
