@@ -407,7 +407,7 @@ class Filesystem(Namespace):
         the range within the file, releasing the whole chunks in it and rewriting
         the partial ones at its ends, and ZERO_RANGE without KEEP_SIZE then extends
         the file like mode 0. Both read as zeros and both give space back: a hole
-        is how the store keeps zeros.
+        is how the store keeps zeros. Every mode sets mtime and ctime.
         """
         for _ in range(4):
             try:
@@ -436,10 +436,11 @@ class Filesystem(Namespace):
             raise FsError(errno.EFBIG)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             self.data.punch(node.ino, node.size, off, length, self.has_pending())
-            self._touch(node)
         if not mode & FALLOC_FL_KEEP_SIZE and off + length > node.size:
             node.size = off + length
-            self._touch(node)
+        # Every mode changes mtime and ctime, as on ext4 and XFS (the kernel's
+        # file_modified before the call; for FUSE it leaves the times to the daemon).
+        self._touch(node)
 
     @fs_op
     def copy_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int) -> int:
