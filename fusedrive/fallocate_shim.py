@@ -114,6 +114,8 @@ def reply(req: int, err: int) -> None:
         log.error("event=fallocate_reply_twice errno=%d", err)
         return
     _pending.discard(req)
+    if err == errno.ENOSYS:
+        err = errno.EOPNOTSUPP  # ENOSYS would switch fallocate off for the whole mount
     assert _lib is not None
     _lib.fusedrive_fallocate_reply(req, err)
 
