@@ -12,7 +12,8 @@ Public surface:
 
 Modules: ``schema`` (keys and records), ``filedata`` (buffered writes, read cache,
 the flush transaction), ``namespace`` (inodes, directories, links, xattrs),
-``filesystem``, ``errors`` (the errno table), ``fuse_adapter``, ``control``, and
+``filesystem``, ``errors`` (the errno table), ``fuse_adapter``, ``fallocate_shim``
+(FUSE_FALLOCATE, which pyfuse3 lacks, through ``_fallocate.c``), ``control``, and
 the command line in ``cli``.
 """
 

@@ -3,7 +3,9 @@
 One process serves one mount (pyfuse3 keeps one session per process). Handlers
 translate arguments, call the synchronous ``Filesystem`` and turn ``FsError`` into
 ``pyfuse3.FUSEError``; nothing else leaves a handler (an unexpected exception is
-logged and becomes EIO, so one bug cannot take the mount down).
+logged and becomes EIO, so one bug cannot take the mount down). FUSE_FALLOCATE, for
+which pyfuse3 has no handler, comes through ``fallocate_shim`` to
+``Operations.fallocate_request`` on the same trio thread.
 
 Work that pays to move off the trio thread goes to worker threads: hashing and
 compressing chunks (a small pool, since hashlib and zstandard release the GIL:
