@@ -111,6 +111,8 @@ void fusedrive_fallocate_set_handler(fallocate_handler h)
 
 int fusedrive_fallocate_reply(void *req, int err)
 {
+    if (reply_err == NULL) /* no session made here: there is no request to answer */
+        return -ENOSYS;
     return reply_err((fuse_req_t)req, err);
 }
 
