@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed-stamp
 
 .PHONY: setup demo test lint typecheck pytest bench clean
 
-$(STAMP): pyproject.toml scripts/install-system-deps
+$(STAMP): pyproject.toml scripts/install-system-deps fusedrive/_fallocate.c
 	scripts/install-system-deps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -15,7 +15,8 @@ the flush transaction; with ``buffers``, the layers of buffered changes, and
 ``patches``, partial writes of a chunk stored on their own), ``namespace``
 (inodes, directories, links, xattrs), ``filesystem``, ``errors`` (the errno
 table), ``fuse_adapter`` (with ``flusher`` and ``fetcher``, its flush and
-read-ahead work), ``control``, and the command line in ``cli``.
+read-ahead work, and ``fallocate_shim``, FUSE_FALLOCATE, which pyfuse3 lacks, through
+``_fallocate.c``), ``control``, and the command line in ``cli``.
 """
 
 from __future__ import annotations

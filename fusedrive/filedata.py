@@ -598,22 +598,38 @@ class FileData:
         if k * cs < old_size:
             self.live.hide(ino, k, INF)
 
-    def punch(self, ino: int, size: int, off: int, length: int) -> None:
-        """Zero ``[off, off+length)`` within the file; whole chunks become holes."""
+    def punch(self, ino: int, size: int, off: int, length: int, pending: bool) -> None:
+        """Zero ``[off, off+length)`` within the file; whole chunks become holes.
+
+        A chunk the range covers in part gets a dirty buffer (cut short when the
+        range reaches its end), checked like a write's (``check_space``: may raise
+        FlushNeeded before anything changed); whole chunks are hidden, which costs
+        no buffer and gives their stored bytes back at the commit.
+        """
         end = min(off + length, size)
         if off >= end:
             return
         cs = self.chunk_size
         first_full, last_full = -(-off // cs), end // cs
+        edges = []
         for index in sorted({off // cs, (end - 1) // cs}):
             if first_full <= index < last_full:
                 continue
             base = index * cs
             s, e = max(off, base) - base, min(end, base + cs) - base
             if self.visible(ino, size, index, False)[1] > s:
-                buf = self.update_chunk(ino, size, index)
-                stop = min(e, len(buf))
-                buf[s:stop] = bytes(stop - s)
+                edges.append((index, s, e))
+        dirty = self.live.files.get(ino)
+        fresh = sum(1 for index, _, _ in edges if dirty is None or index not in dirty.chunks)
+        self.check_space(0, fresh * cs, pending, fresh * _record_bound(cs))
+        for index, s, e in edges:
+            buf = self.update_chunk(ino, size, index)
+            before = len(buf)
+            if e >= before:
+                del buf[s:]  # zeros at a chunk's end are not kept
+            else:
+                buf[s:e] = bytes(e - s)
+            self.live.resized(ino, before, len(buf))
         if first_full < last_full:
             self.live.hide(ino, first_full, last_full)
 

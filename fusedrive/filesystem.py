@@ -61,6 +61,18 @@ MAX_FILE_SIZE = (1 << 63) - 1
 COPY_MAX = 64 * 1024 * 1024  # copy_range copies at most this much per call
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
+FALLOC_FL_ZERO_RANGE = 0x10
+# The fallocate(2) modes served; Linux refuses the other combinations of these three
+# flags itself, and COLLAPSE_RANGE, INSERT_RANGE and UNSHARE_RANGE never reach FUSE.
+FALLOCATE_MODES = frozenset(
+    {
+        0,
+        FALLOC_FL_KEEP_SIZE,
+        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+        FALLOC_FL_ZERO_RANGE,
+        FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+    }
+)
 _INODE_CACHE_MAX = 50_000
 
 
@@ -389,35 +401,54 @@ class Filesystem(Namespace):
         node.size = size
         self.dirty.add(node.ino)
 
-    @fs_op
     def punch_hole(self, ino: int, off: int, length: int) -> None:
         """Zero ``[off, off+length)`` and release whole chunks in it; the size stays."""
-        self._writable()
-        node = self._regular(self._inode(ino))
-        if off < 0 or length <= 0:
-            raise FsError(errno.EINVAL)
-        self.data.punch(node.ino, node.size, off, length)
-        self._touch(node)
+        self.fallocate(ino, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length)
 
     @fs_op
     def fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
-        """fallocate(2) modes 0, KEEP_SIZE and PUNCH_HOLE|KEEP_SIZE (space is not reserved)."""
+        """fallocate(2) in the modes of ``FALLOCATE_MODES``; others fail with EOPNOTSUPP.
+
+        Space is not reserved: the store is content-addressed and copy-on-write, so
+        no write can be promised room in advance. Modes 0 and KEEP_SIZE only set the
+        size (mode 0, when the range ends past it); PUNCH_HOLE and ZERO_RANGE zero
+        the range within the file, releasing the whole chunks in it and rewriting
+        the partial ones at its ends, and ZERO_RANGE without KEEP_SIZE then extends
+        the file like mode 0. Both read as zeros and both give space back: a hole
+        is how the store keeps zeros. Every mode sets mtime and ctime.
+        """
+        for _ in range(4):
+            try:
+                return self._fallocate(ino, mode, off, length)
+            except FlushNeeded:
+                self.flush()
+        raise FsError(errno.ENOSPC)
+
+    def try_fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
+        """``fallocate`` that raises FlushNeeded instead of flushing (for the async adapter)."""
+        with store_errors():
+            self._fallocate(ino, mode, off, length)
+
+    def _fallocate(self, ino: int, mode: int, off: int, length: int) -> None:
         self._writable()
         node = self._inode(ino)
         if off < 0 or length <= 0:
             raise FsError(errno.EINVAL)
-        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
-            self.punch_hole(ino, off, length)
-        elif mode in (0, FALLOC_FL_KEEP_SIZE):
-            if not stat.S_ISREG(node.mode):
-                raise FsError(errno.ENODEV)
-            if off + length > MAX_FILE_SIZE:
-                raise FsError(errno.EFBIG)
-            if mode == 0 and off + length > node.size:
-                node.size = off + length
-                self._touch(node)
-        else:
+        if mode not in FALLOCATE_MODES:
             raise FsError(errno.EOPNOTSUPP)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.ENODEV)
+        if off + length > MAX_FILE_SIZE:
+            raise FsError(errno.EFBIG)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            self.data.punch(node.ino, node.size, off, length, self.has_pending())
+        if not mode & FALLOC_FL_KEEP_SIZE and off + length > node.size:
+            node.size = off + length
+        # Every mode changes mtime and ctime, as on ext4 and XFS (the kernel's
+        # file_modified before the call; for FUSE it leaves the times to the daemon).
+        self._touch(node)
 
     @fs_op
     def copy_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int) -> int:

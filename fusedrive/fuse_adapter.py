@@ -3,7 +3,9 @@
 One process serves one mount (pyfuse3 keeps one session per process). Handlers
 translate arguments, call the synchronous ``Filesystem`` and turn ``FsError`` into
 ``pyfuse3.FUSEError``; nothing else leaves a handler (an unexpected exception is
-logged and becomes EIO, so one bug cannot take the mount down).
+logged and becomes EIO, so one bug cannot take the mount down). FUSE_FALLOCATE, for
+which pyfuse3 has no handler, comes through ``fallocate_shim`` to
+``Operations.fallocate_request`` on the same trio thread.
 
 Work that pays to move off the trio thread goes to worker threads: preparing and
 committing flushes (``flusher.Flusher``, which also says when flushes happen) and
@@ -45,6 +47,9 @@ FUSE_MAX_MAX_PAGES = 256 pages), and it accepts no max_write option on
 """
 
 from __future__ import annotations
+
+# First: the fallocate shim must be loaded before pyfuse3 is (see fallocate_shim).
+from . import fallocate_shim  # isort: split
 
 import argparse
 import contextlib
@@ -386,6 +391,56 @@ class Operations(pyfuse3.Operations):
         with _fuse_errors("fsync"):
             await self.flusher.flush()
 
+    def fallocate_request(
+        self, req: int, ino: int, mode: int, off: int, length: int, fh: int
+    ) -> None:
+        """FUSE_FALLOCATE, which pyfuse3 does not pass on: ``fallocate_shim`` calls this
+        on the trio thread, and it answers with ``fallocate_shim.reply``.
+
+        Served at once, like a write that needs no flush; one that must wait for a
+        flush first (``FlushNeeded``) goes on in a task, as ``write`` would.
+        """
+        try:
+            self.fs.try_fallocate(ino, mode, off, length)
+        except FlushNeeded as exc:
+            if self.flusher.nursery is not None:
+                self.flusher.nursery.start_soon(
+                    self._fallocate_after_flush, req, ino, mode, off, length, exc.space
+                )
+                return
+            fallocate_shim.reply(req, errno.EIO)
+        except Exception as exc:
+            fallocate_shim.reply(req, failure(exc, "fallocate").errno)
+        else:
+            fallocate_shim.reply(req, 0)
+            self.flusher.after_write()
+
+    async def _fallocate_after_flush(
+        self, req: int, ino: int, mode: int, off: int, length: int, space: bool
+    ) -> None:
+        err = errno.EINTR  # unless it ends below: cancelled, the mount is going away
+        try:
+            space_tries = 0
+            while True:
+                if space:
+                    space_tries += 1
+                    if space_tries > _SPACE_ATTEMPTS:
+                        err = errno.ENOSPC
+                        break
+                await self.flusher.make_room(space)
+                try:
+                    self.fs.try_fallocate(ino, mode, off, length)
+                    err = 0
+                    break
+                except FlushNeeded as exc:
+                    space = exc.space
+        except Exception as exc:
+            err = failure(exc, "fallocate").errno
+        finally:
+            fallocate_shim.reply(req, err)
+        if err == 0:
+            self.flusher.after_write()
+
     # -- directories ---------------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         with _fuse_errors("opendir"):
@@ -633,6 +688,7 @@ def _serve_fs(
     ops = Operations(fs, cache)
     ops.mount_path = os.path.realpath(mountpoint)  # now: once mounted, lstat asks the daemon
     opts = mount_options(name, read_only=read_only, allow_other=allow_other, debug=debug)
+    fallocate_shim.serve(ops.fallocate_request)
     try:
         pyfuse3.init(ops, str(mountpoint), opts)
     except RuntimeError as exc:
@@ -642,6 +698,8 @@ def _serve_fs(
             ops.flusher.close()
         raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from exc
     log.info("event=mounted name=%s mountpoint=%s read_only=%s", name, mountpoint, read_only)
+    if (why := fallocate_shim.problem()) is not None:
+        log.warning("event=fallocate_not_served reason=%r (fallocate fails with EOPNOTSUPP)", why)
     entry = find_mount(ops.mount_path)
     device = entry.device if entry is not None else None
     main_thread = threading.current_thread() is threading.main_thread()

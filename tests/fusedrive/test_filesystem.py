@@ -20,7 +20,7 @@ import pytest
 
 from blockstore import MODE_BLOCK, ChunkRef, Store, fsck
 from fusedrive import Ctx, Filesystem, FsError, filedata
-from fusedrive.errors import ERRNO_OF_STORE_ERROR, errno_of
+from fusedrive.errors import ERRNO_OF_STORE_ERROR, FlushNeeded, errno_of
 from fusedrive.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from fusedrive.patches import PATCH_MAX, PATCH_SHARE
 from fusedrive.schema import (
@@ -240,9 +240,53 @@ def test_punch_hole_zeroes_and_releases_whole_chunks(vol: Volume) -> None:
     assert fs.getattr(ino).size == len(data)
     fs.fallocate(ino, 0, 0, 10 * 4096)  # mode 0 extends the size
     assert fs.getattr(ino).size == 10 * 4096
-    assert errno_from(lambda: fs.fallocate(ino, 0x10, 0, 1)) == errno.EOPNOTSUPP
+    assert errno_from(lambda: fs.fallocate(ino, 0x8, 0, 4096)) == errno.EOPNOTSUPP  # COLLAPSE
+    assert errno_from(lambda: fs.fallocate(ino, 0x2, 0, 4096)) == errno.EOPNOTSUPP  # no KEEP_SIZE
     fs = vol.reopen()
     assert read_all(fs, ino)[: len(expect)] == expect
+
+
+def test_zero_range_zeroes_releases_and_extends_unless_keep_size(vol: Volume) -> None:
+    fs = vol.fs
+    data = os.urandom(6 * 4096)
+    ino = write_file(fs, b"z", data)
+    fs.flush()
+    fs.fallocate(ino, 0x10 | 1, 3000, 2 * 4096)  # ZERO_RANGE | KEEP_SIZE: chunk 1 whole
+    expect = data[:3000] + bytes(2 * 4096) + data[3000 + 2 * 4096 :]
+    assert read_all(fs, ino) == expect
+    fs.fallocate(ino, 0x10 | 1, 5 * 4096 + 10, 4096)  # reaches past the end: size stays
+    expect = expect[: 5 * 4096 + 10] + bytes(4096 - 10)
+    assert read_all(fs, ino) == expect
+    fs.fallocate(ino, 0x10, 6 * 4096 - 100, 1000)  # ZERO_RANGE past the end: extends
+    assert fs.getattr(ino).size == 6 * 4096 + 900
+    expect = expect[: 6 * 4096 - 100] + bytes(1000)
+    fs.flush()
+    # Chunk 1 is gone, chunks 0, 2 and 5 are rewritten shorter (zeros at the end are
+    # not kept): the stored bytes went down by more than chunk 1.
+    assert len(stored_chunks(vol.store, ino)) == 5
+    assert fs.getattr(ino).blocks * 512 < len(data) - 4096
+    fs = vol.reopen()
+    assert read_all(fs, ino) == expect
+
+
+def test_punch_of_partial_chunks_waits_for_room_like_a_write(
+    make_volume: Callable[..., Volume],
+) -> None:
+    """The partial chunks at a punch's ends become dirty buffers: with the buffers
+    full, ``try_fallocate`` asks for a flush before changing anything, and the
+    synchronous ``fallocate`` flushes and goes on."""
+    vol = make_volume(dirty_limit=64 * KiB)
+    fs = vol.fs
+    data = os.urandom(64 * KiB)
+    ino = write_file(fs, b"a", data)
+    fs.flush()
+    other = write_file(fs, b"b", os.urandom(60 * KiB))  # the buffers are nearly full
+    with pytest.raises(FlushNeeded):
+        fs.try_fallocate(ino, 3, 100, 4096)  # PUNCH_HOLE | KEEP_SIZE, within chunks 0 and 1
+    assert read_all(fs, ino) == data  # nothing changed
+    fs.fallocate(ino, 3, 100, 4096)
+    assert read_all(fs, ino) == data[:100] + bytes(4096) + data[4196:]
+    assert fs.getattr(other).size == 60 * KiB
 
 
 def test_copy_range_shares_aligned_chunks(vol: Volume) -> None:

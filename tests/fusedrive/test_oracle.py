@@ -63,7 +63,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 0x10
 UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 MAX_FDS = 6
 # While hunting: FUSEDRIVE_ORACLE_EXAMPLES=N runs N examples (CI: 300, about a minute),
@@ -284,11 +284,6 @@ class Oracle(RuleBasedStateMachine):
     def _normalise(self, what: str, fu: Outcome, ext: Outcome) -> Outcome:
         """The one place where known, accepted divergences are turned into agreement.
 
-        - fallocate: pyfuse3 has no fallocate handler, so through a mount every
-          fallocate that passes the kernel's own checks fails with EOPNOTSUPP (a
-          known divergence tracked by its own issue). The rule then makes the same
-          change on the fusedrive side by other means (see ``falloc``); only
-          EOPNOTSUPP is excused, any other difference fails.
         - setxattr of the value a name already has: ext4 skips the rewrite and
           leaves ctime alone, fusedrive (like tmpfs) updates ctime; xattrs are not
           POSIX, and times are not compared for that step (``setxattr``).
@@ -315,8 +310,6 @@ class Oracle(RuleBasedStateMachine):
         - POSIX ACL names: fusedrive refuses them on purpose; ``acl_both`` says
           what a kernel filesystem without ACLs answers instead.
         """
-        if what.startswith("fallocate") and fu == ("err", EOPNOTSUPP) and ext[0] == "ok":
-            return ext
         return fu
 
     def p(self, side: int, rel: str) -> str:
@@ -715,35 +708,23 @@ class Oracle(RuleBasedStateMachine):
     @precondition(lambda self: self.fds)
     @rule(
         i=st.integers(0, MAX_FDS),
-        mode=st.sampled_from([0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE]),
+        mode=st.sampled_from(
+            [
+                0,
+                FALLOC_FL_KEEP_SIZE,
+                FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                FALLOC_FL_ZERO_RANGE,
+                FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+            ]
+        ),
         off=OFFSETS,
         length=st.one_of(LENGTHS, st.just(-1)),
     )
     def falloc(self, i: int, mode: int, off: int, length: int) -> None:
-        outcomes: list[Outcome] = []
-
-        def op(side: int) -> None:
-            try:
-                fallocate(self.fd(i, side), mode, off, length)
-            except OSError as exc:
-                outcomes.append(("err", exc.errno))
-                raise
-            outcomes.append(("ok", None))
-
-        self.both(f"fallocate({self.fdname(i)}, {mode}, {off}, {length})", op)
-        if outcomes[0] == ("err", errno.EOPNOTSUPP) and outcomes[1][0] == "ok":
-            # The normalised divergence (see ``_normalise``): make ext4's change on the
-            # fusedrive side by other means; times are not compared for this step.
-            self.times_matter = False
-            fu = os.open(f"/proc/self/fd/{self.fd(i, 0)}", os.O_WRONLY)
-            try:
-                size = os.fstat(fu).st_size
-                if mode == 0 and off + length > size:
-                    os.ftruncate(fu, off + length)
-                elif mode & FALLOC_FL_PUNCH_HOLE and off < size:
-                    os.pwrite(fu, bytes(min(off + length, size) - off), off)
-            finally:
-                os.close(fu)
+        self.both(
+            f"fallocate({self.fdname(i)}, {mode}, {off}, {length})",
+            lambda side: fallocate(self.fd(i, side), mode, off, length),
+        )
 
 
 # -- the two filesystems --------------------------------------------------------------------------
