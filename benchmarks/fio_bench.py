@@ -208,9 +208,11 @@ class Daemon:
                 subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
 
 
-def start_fusedrive(store: Path, volume: str, mountpoint: Path, logfile: Path) -> Daemon:
+def start_fusedrive(
+    store: Path, volume: str, mountpoint: Path, logfile: Path, *extra: str
+) -> Daemon:
     argv = [sys.executable, "-m", "fusedrive.fuse_adapter", str(store), str(mountpoint)]
-    return Daemon("fusedrive", [*argv, "--volume", volume], mountpoint, logfile)
+    return Daemon("fusedrive", [*argv, "--volume", volume, *extra], mountpoint, logfile)
 
 
 def start_memfs(mountpoint: Path, logfile: Path) -> Daemon:

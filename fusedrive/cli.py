@@ -781,6 +781,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
             debug=args.debug,
             ready_fd=args.ready_fd,
             on_ready=tell,
+            writeback_cache=args.writeback_cache,
         )
         return EXIT_OK
     child = ["--store", str(store_path)] + ["-v"] * (getattr(args, "verbose", 0) or 0)
@@ -792,6 +793,8 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         child.append("--no-allow-other")
     if args.debug:
         child.append("--debug")
+    if args.writeback_cache is not None:
+        child.append("--writeback-cache" if args.writeback_cache else "--no-writeback-cache")
     child += ["--", args.name, str(target)]  # a name may start with '-'
     try:
         pid, logfile = spawn(child, target, args.timeout)
@@ -993,6 +996,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the mounting user may access the mount",
     )
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
+    p.add_argument(
+        "--writeback-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let the kernel cache writes and send them later (default: on for read-write "
+        "mounts of filesystem volumes, off for block volumes; docs/datapath.md)",
+    )
     p.add_argument(
         "--timeout",
         type=float,

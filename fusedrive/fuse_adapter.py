@@ -81,7 +81,7 @@ import trio
 from blockstore import Busy, InvalidArgument, StoreError
 from blockstore import Store as _Store
 
-from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount
+from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount, syncfs
 from .errors import DataNotStored, FlushNeeded, FsError, failure, translate
 from .filedata import FlushJob
 from .filesystem import Filesystem, StatFs
@@ -507,10 +507,14 @@ class Operations(pyfuse3.Operations):
     # ``system.posix_acl_*`` names with EOPNOTSUPP, so tools fall back to chmod.
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, timeouts: CacheTimeouts = CACHED) -> None:
+    def __init__(
+        self, fs: Filesystem, timeouts: CacheTimeouts = CACHED, *, writeback: bool = False
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.timeouts = timeouts
+        # pyfuse3 reads this attribute when it answers INIT: per mount, not per class.
+        self.enable_writeback_cache = writeback
         # Readdir answers keep at most SHARED: while attributes from a READDIRPLUS
         # reply are valid, an invalidation does not reach them (measured, Linux 6.18).
         self.readdir_timeouts = CacheTimeouts(*map(min, zip(timeouts, SHARED, strict=True)))
@@ -633,15 +637,27 @@ class Operations(pyfuse3.Operations):
             return _entry(self.fs.link(inode, new_parent_inode, new_name), self.timeouts)
 
     # -- files ---------------------------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        """With the writeback cache, the kernel appends (O_APPEND) itself.
+
+        It sends every write, appends included, at the offset its own i_size gave,
+        and writes pages back through any writable handle of the inode: a handle
+        that appended at the daemon's end of file would put a page written back
+        through it at the wrong place.
+        """
+        return flags & ~os.O_APPEND if self.enable_writeback_cache else flags
+
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _fuse_errors("open"):
-            return _file_info(self.fs.open(inode, flags), flags)
+            return _file_info(self.fs.open(inode, self._open_flags(flags)), flags)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with _fuse_errors("create"):
-            fh, a = self.fs.create(parent_inode, name, mode, flags, Ctx(ctx.uid, ctx.gid))
+            fh, a = self.fs.create(
+                parent_inode, name, mode, self._open_flags(flags), Ctx(ctx.uid, ctx.gid)
+            )
             return _file_info(fh, flags), _entry(a, self.timeouts)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -804,6 +820,22 @@ async def _stop_when_unmounted(device: str) -> None:
                 return
 
 
+async def _write_back(ops: Operations) -> None:
+    """Have the kernel send its dirty pages before the daemon stops serving.
+
+    Only a SIGTERM / SIGINT needs this: an unmount writes them back itself while the
+    daemon still serves, but once ``pyfuse3.terminate`` ends the loop, the session
+    closes and the kernel drops what it still holds (libfuse closes /dev/fuse before
+    it unmounts). A thread: the write back comes to this daemon, whose loop must run.
+    """
+    if not ops.enable_writeback_cache or ops.mount_path is None:
+        return
+    try:
+        await trio.to_thread.run_sync(syncfs, ops.mount_path)
+    except OSError as exc:  # the final flush still stores what did arrive
+        log.error("event=write_back_failed error=%s", exc)
+
+
 async def _serve_loop(
     ops: Operations, on_ready: Callable[[], None] | None, device: str | None
 ) -> None:
@@ -815,6 +847,7 @@ async def _serve_loop(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("event=signal signal=%s", signal.Signals(signum).name)
+                await _write_back(ops)
                 pyfuse3.terminate()
                 return
 
@@ -844,6 +877,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     debug: bool = False,
     cache: CacheTimeouts | None = None,
+    writeback_cache: bool | None = None,
 ) -> None:
     """Mount a volume (or, read-only, a snapshot) and serve it until it is unmounted.
 
@@ -856,7 +890,8 @@ def serve(
     daemon unmounts itself); either way every buffered write is flushed first and
     the store is closed on return. ``cache`` overrides how long the kernel keeps
     entries and attributes (default: ``CACHED``, or ``SHARED`` for a read-only mount
-    of a volume).
+    of a volume). ``writeback_cache`` turns the kernel's writeback cache on or off
+    (default: ``writeback_default``); a block volume refuses it (``InvalidArgument``).
     """
     if (volume is None) == (snapshot is None):
         raise InvalidArgument("give exactly one of a volume or a snapshot to mount")
@@ -876,9 +911,38 @@ def serve(
             cache = SHARED if read_only and snapshot is None else CACHED
         with lock:
             fs = Filesystem(view, read_only=read_only)
-            _serve_fs(fs, mountpoint, name, read_only, allow_other, on_ready, debug, cache)
+            try:
+                writeback = _choose_writeback(fs, writeback_cache)
+            except InvalidArgument:
+                fs.close()
+                raise
+            _serve_fs(
+                fs, mountpoint, name, read_only, allow_other, on_ready, debug, cache, writeback
+            )
     finally:
         store.close()
+
+
+def writeback_default(fs: Filesystem) -> bool:
+    """On for read-write mounts of filesystem volumes (docs/datapath.md, measured).
+
+    Off for read-only mounts (nothing to write back) and for block volumes: with the
+    writeback cache the kernel keeps a regular file's size to itself and ignores the
+    daemon's, so a disk image grown by an expansion (``Filesystem.refresh``) would
+    keep its old size for the loop device until the next mount.
+    """
+    return not fs.read_only and not fs.block_mode
+
+
+def _choose_writeback(fs: Filesystem, asked: bool | None) -> bool:
+    if asked is None or fs.read_only:
+        return writeback_default(fs)
+    if asked and fs.block_mode:
+        raise InvalidArgument(
+            "a block volume cannot use the writeback cache: the kernel would keep its "
+            "disk image at the old size after an expansion"
+        )
+    return asked
 
 
 def _keep_freed_memory() -> None:
@@ -934,9 +998,10 @@ def _serve_fs(
     on_ready: Callable[[], None] | None,
     debug: bool,
     cache: CacheTimeouts,
+    writeback: bool,
 ) -> None:
     _keep_freed_memory()
-    ops = Operations(fs, cache)
+    ops = Operations(fs, cache, writeback=writeback)
     ops.mount_path = os.path.realpath(mountpoint)  # now: once mounted, lstat asks the daemon
     opts = mount_options(name, read_only=read_only, allow_other=allow_other, debug=debug)
     try:
@@ -947,7 +1012,13 @@ def _serve_fs(
         finally:
             ops.flusher.close()
         raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from exc
-    log.info("event=mounted name=%s mountpoint=%s read_only=%s", name, mountpoint, read_only)
+    log.info(
+        "event=mounted name=%s mountpoint=%s read_only=%s writeback_cache=%s",
+        name,
+        mountpoint,
+        read_only,
+        writeback,
+    )
     entry = find_mount(ops.mount_path)
     device = entry.device if entry is not None else None
     main_thread = threading.current_thread() is threading.main_thread()
@@ -1032,6 +1103,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="seconds the kernel keeps entries and attributes (benchmarks; default: docs)",
     )
+    p.add_argument(
+        "--writeback-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the kernel's writeback cache (default: on for read-write filesystem volumes)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -1057,6 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
             cache=None
             if args.cache_timeout is None
             else CacheTimeouts(args.cache_timeout, args.cache_timeout),
+            writeback_cache=args.writeback_cache,
         )
     except (StoreError, OSError) as exc:
         print(f"fusedrive: {exc}", file=sys.stderr)
