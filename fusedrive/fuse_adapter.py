@@ -232,6 +232,11 @@ class Flusher:
     def __init__(self, fs: Filesystem) -> None:
         self.fs = fs
         self.lock = trio.Lock()
+        # A flush holds the lock. Not ``lock.locked()``: the tasks in ``wait_idle`` hold
+        # it in turn too, and writers that took that for a flush running would wait for
+        # each other forever with full buffers and no flush (seen with the writeback
+        # cache, whose write back sends several writes at once).
+        self.flushing = False
         self.nursery: trio.Nursery | None = None
         self._background = False
         # The error of the last flush, while buffered changes it could not store remain
@@ -263,48 +268,56 @@ class Flusher:
         committed by the next flush.
         """
         async with self.lock:
-            while True:  # a failed job first, if any, then the live layer
-                retry = self.fs.data.inflight is not None
-                try:
-                    job = self.fs.begin_flush()
-                except Exception as exc:
-                    raise failure(exc) from exc
-                if job is None:
-                    self.failure = None  # nothing is left unstored
-                    return
-                try:
-                    t0 = trio.current_time()
-                    if job.chunks:
-                        await trio.to_thread.run_sync(self._prepare, job)
-                    t1 = trio.current_time()
-                    deltas = await trio.to_thread.run_sync(job.commit, self.fs.view)
-                    log.debug(
-                        "event=flushed bytes=%d chunks=%d prepare_ms=%.1f commit_ms=%.1f",
-                        job.dirty_bytes,
-                        len(job.chunks),
-                        (t1 - t0) * 1000,
-                        (trio.current_time() - t1) * 1000,
-                    )
-                except BaseException as exc:
-                    self.fs.finish_flush(job, None)
-                    if not isinstance(exc, Exception):
-                        raise  # cancelled: the job stays buffered for the next flush
-                    self.failure = failure(exc)
-                    log.error(
-                        "event=flush_failed errno=%s buffered_bytes=%d error=%s",
-                        errno.errorcode.get(self.failure.errno, self.failure.errno),
-                        self.fs.data.pending_bytes(),
-                        self.failure,
-                    )
-                    raise self.failure from exc
-                self.failure = None
-                try:
-                    self.fs.finish_flush(job, deltas)
-                except Exception as exc:  # committed; only the bookkeeping after it failed
-                    raise failure(exc) from exc
-                self._stored(list(job.layer.files))
-                if not retry:
-                    return  # what was buffered before the call is committed
+            self.flushing = True
+            try:
+                await self._flush_locked()
+            finally:
+                self.flushing = False
+
+    async def _flush_locked(self) -> None:
+        """``flush`` with the lock held."""
+        while True:  # a failed job first, if any, then the live layer
+            retry = self.fs.data.inflight is not None
+            try:
+                job = self.fs.begin_flush()
+            except Exception as exc:
+                raise failure(exc) from exc
+            if job is None:
+                self.failure = None  # nothing is left unstored
+                return
+            try:
+                t0 = trio.current_time()
+                if job.chunks:
+                    await trio.to_thread.run_sync(self._prepare, job)
+                t1 = trio.current_time()
+                deltas = await trio.to_thread.run_sync(job.commit, self.fs.view)
+                log.debug(
+                    "event=flushed bytes=%d chunks=%d prepare_ms=%.1f commit_ms=%.1f",
+                    job.dirty_bytes,
+                    len(job.chunks),
+                    (t1 - t0) * 1000,
+                    (trio.current_time() - t1) * 1000,
+                )
+            except BaseException as exc:
+                self.fs.finish_flush(job, None)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the job stays buffered for the next flush
+                self.failure = failure(exc)
+                log.error(
+                    "event=flush_failed errno=%s buffered_bytes=%d error=%s",
+                    errno.errorcode.get(self.failure.errno, self.failure.errno),
+                    self.fs.data.pending_bytes(),
+                    self.failure,
+                )
+                raise self.failure from exc
+            self.failure = None
+            try:
+                self.fs.finish_flush(job, deltas)
+            except Exception as exc:  # committed; only the bookkeeping after it failed
+                raise failure(exc) from exc
+            self._stored(list(job.layer.files))
+            if not retry:
+                return  # what was buffered before the call is committed
 
     def _stored(self, inos: list[int]) -> None:
         """The flushed files' st_blocks changed (estimate -> stored): the kernel may
@@ -327,7 +340,7 @@ class Flusher:
         While a flush is committing, the writer only waits for it: the next one
         starts in the background, so commits and new writes overlap.
         """
-        if not space and self.lock.locked():
+        if not space and self.flushing:
             await self.wait_idle()
         else:
             await self.flush()
@@ -343,7 +356,7 @@ class Flusher:
         if (
             self.nursery is not None
             and not self._background
-            and not self.lock.locked()
+            and not self.flushing
             and data.live.dirty_bytes >= data.flush_threshold
         ):
             self._background = True
@@ -377,7 +390,7 @@ class Flusher:
     ) -> tuple[tuple[int, ...] | None, float]:
         """One turn of ``run_timer``: returns the next (mark, due)."""
         await trio.sleep(IDLE_FLUSH)
-        if not self.fs.has_pending() or self.lock.locked():
+        if not self.fs.has_pending() or self.flushing:
             return None, trio.current_time() + FLUSH_INTERVAL
         now = self._change_mark()
         # A failed commit is retried at the interval only: it may keep failing.
