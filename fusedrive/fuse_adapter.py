@@ -46,10 +46,15 @@ handed out by readdir (READDIRPLUS) keep ``SHARED``: while they are valid, the
 kernel (6.18, measured) does not apply an invalidation to them. A read-only mount
 of a volume may have a writer elsewhere: it keeps ``SHARED`` (1 s, as before).
 
-Kernel options: writeback caching is off (every write reaches the daemon before
-write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
-daemon keeps exact); mounts use default_permissions (the kernel checks modes),
-nosuid, nodev, allow_other unless asked otherwise, and ro for read-only mounts.
+Kernel options: the writeback cache is on for read-write mounts of filesystem volumes
+(``writeback_default``; per mount with ``writeback_cache``): the kernel keeps writes
+in its page cache and owns a regular file's size, mtime and ctime (sent as SETATTR),
+appends itself (handles lose O_APPEND here, ``Operations._open_flags``), and writes
+pages back later; ``control.request_flush`` syncfs's the mount before its flush, and
+SIGTERM does too before the loop stops (``_write_back``). docs/datapath.md says
+what changes. Block volumes and read-only mounts keep it off. Mounts use
+default_permissions (the kernel checks modes), nosuid, nodev, allow_other unless
+asked otherwise, and ro for read-only mounts.
 libfuse 3.14 asks the kernel for 1 MiB writes by default (its buffer is
 FUSE_MAX_MAX_PAGES = 256 pages), and it accepts no max_write option on
 ``fuse_session_new``; the test suite checks that 1 MiB writes arrive whole.
