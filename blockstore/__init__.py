@@ -1,7 +1,8 @@
 """blockstore: content-addressed chunks and versioned per-volume key spaces.
 
 Public surface: ``Store`` (open a store directory), ``View`` and ``Batch`` (a
-volume head or snapshot key space and a write transaction on it), the records
+volume head or snapshot key space and a write transaction on it), ``Environment``
+(the part of a store a view works with: ``View.store``), the records
 ``VolumeInfo``, ``SnapshotInfo`` and ``GroupInfo``, ``ChunkRef`` and the exceptions.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from .catalog import MODE_BLOCK, MODE_FILESYSTEM, GroupInfo, SnapshotInfo, VolumeInfo
 from .chunks import HOLE, MAX_CHUNK_SIZE, PreparedChunk
+from .environment import Environment
 from .errors import (
     AlreadyExists,
     Busy,
@@ -35,6 +37,7 @@ __all__ = [
     "Busy",
     "ChunkRef",
     "Corrupt",
+    "Environment",
     "FsckReport",
     "GroupInfo",
     "InvalidArgument",

@@ -17,24 +17,21 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import lmdb
 
 from . import chunks as ch
 from . import layers as ly
 from .catalog import SnapshotInfo, pack_vstate, unpack_vstate
+from .environment import Environment, _Txn
 from .errors import InvalidArgument, NoSpace, NotFound, ReadOnly
 from .layers import ChunkRef, Lineage, Value
-
-if TYPE_CHECKING:
-    from .store import Store, _Txn
 
 
 class View:
     """A volume head (writable) or a snapshot (read-only) key space."""
 
-    def __init__(self, store: Store, name: str, snapshot_layer: int | None) -> None:
+    def __init__(self, store: Environment, name: str, snapshot_layer: int | None) -> None:
         self.store = store
         self.name = name
         self._snapshot_layer = snapshot_layer

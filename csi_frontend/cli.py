@@ -196,7 +196,7 @@ def _call_parser(sub: Any) -> None:
 
 
 def _mounter_parser(sub: Any) -> None:
-    from .mounter import DEFAULT_SOCKET
+    from .mounter_client import DEFAULT_SOCKET
 
     p = sub.add_parser(
         "mounter",
@@ -243,7 +243,8 @@ def _mounter_parser(sub: Any) -> None:
 def mounter(a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .mounter import MounterClient, MounterConfig, MounterError, serve
+    from .mounter import MounterConfig, serve
+    from .mounter_client import MounterClient, MounterError
 
     if a.list:
         try:

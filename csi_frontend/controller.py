@@ -24,7 +24,7 @@ from blockstore import (
     Store,
     VolumeInfo,
 )
-from blockstore.store import CREATE_MIN_ROOM
+from blockstore.environment import CREATE_MIN_ROOM
 
 from . import mounts
 from . import validation as v

@@ -21,7 +21,7 @@ from blockstore import (
     StoreError,
 )
 
-from .mounter import MounterError
+from .mounter_client import MounterError
 
 # Most specific first: OutOfRange is an InvalidArgument.
 STORE_CODES: tuple[tuple[type[StoreError], grpc.StatusCode], ...] = (

@@ -46,14 +46,8 @@ from blockstore import MODE_BLOCK, MODE_FILESYSTEM, NotFound
 from . import loopdev, mounts
 from . import validation as v
 from .errors import MOUNTER_CODES, CsiError, invalid
-from .mounter import (
-    DaemonDeaths,
-    DaemonInfo,
-    EmbeddedMounter,
-    MounterClient,
-    MounterConfig,
-    MounterError,
-)
+from .mounter import EmbeddedMounter, MounterConfig
+from .mounter_client import DaemonDeaths, DaemonInfo, MounterClient, MounterError
 from .ownership import (
     Held,
     PathPolicy,

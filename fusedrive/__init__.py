@@ -11,9 +11,11 @@ Public surface:
   process (imported on demand: it loads pyfuse3 and trio).
 
 Modules: ``schema`` (keys and records), ``filedata`` (buffered writes, read cache,
-the flush transaction), ``namespace`` (inodes, directories, links, xattrs),
-``filesystem``, ``errors`` (the errno table), ``fuse_adapter``, ``control``, and
-the command line in ``cli``.
+the flush transaction; with ``buffers``, the layers of buffered changes, and
+``patches``, partial writes of a chunk stored on their own), ``namespace``
+(inodes, directories, links, xattrs), ``filesystem``, ``errors`` (the errno
+table), ``fuse_adapter`` (with ``flusher`` and ``fetcher``, its flush and
+read-ahead work), ``control``, and the command line in ``cli``.
 """
 
 from __future__ import annotations

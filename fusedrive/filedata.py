@@ -1,13 +1,14 @@
 """Buffered changes, the read cache and the flush transaction.
 
 The filesystem changes nothing in the store directly. Every change lands in the
-*live* ``Layer``: dirty chunk buffers per file, index ranges of stored chunks that
-are hidden (truncated away or punched out), plain key changes (directory entries,
-xattrs, symlinks, orphan markers, the superblock) and key prefixes to delete. A
-flush freezes the live layer into a ``FlushJob`` (a fresh live layer starts at
-once), hashes and compresses its chunks (``prepare``, safe in worker threads: it
-only reads the frozen buffers) and writes everything, with the inode records
-captured at the same moment, in ONE ``View.batch()`` transaction (``commit``).
+*live* ``Layer`` (``buffers``): dirty chunk buffers per file, index ranges of stored
+chunks that are hidden (truncated away or punched out), patches, plain key changes
+(directory entries, xattrs, symlinks, orphan markers, the superblock) and key
+prefixes to delete. A flush freezes the live layer into a ``FlushJob`` (a fresh
+live layer starts at once), hashes and compresses its chunks (``prepare``, safe in
+worker threads: it only reads the frozen buffers) and writes everything, with the
+inode records captured at the same moment, in ONE ``View.batch()`` transaction
+(``commit``).
 LMDB commits are synced, so a committed job survives a crash; a job is all or
 nothing. With a thread pool attached (``prepare_pool``), chunks are hashed and
 compressed while the layer is still live, from immutable snapshots
@@ -37,17 +38,9 @@ rather than accepted and lost. Other processes may take the room meanwhile; the
 store's own check then fails the commit with ``NoSpace`` and the job stays
 buffered (fsync, close and unmount report ENOSPC).
 
-Patches (see ``schema``): a write of part of one chunk that has no dirty buffer
-becomes a patch of the live layer, so it needs no fetch and its flush stores only
-the bytes written. Deciding costs no store access: within the live layer a patch
-absorbs the older ones it overlaps or touches; past ``PATCH_MAX`` patches or
-``1/PATCH_SHARE`` of a chunk in patch bytes the write makes a dirty buffer instead
-(whose commit deletes the chunk's patches). The commit meets the stored
-patches: it deletes those a new one covers, and if a new one overlaps a stored one
-in part, or the chunk would pass the same limits, it rewrites the chunk whole with
-every patch applied (reading it inside the transaction). Reads apply patches
-oldest first: the stored ones (in the cache with their chunk), then the committing
-layer's, then the live layer's.
+Patches (``patches``): a write of part of one chunk that has no dirty buffer
+becomes a patch of the live layer, stored as its own record; reads apply them over
+their chunk, and a commit may rewrite the chunk whole instead.
 
 Commit order inside the transaction: prefix deletes; hidden chunks and their
 patches (skipping indexes that the job rewrites anyway); patches covered by newer
@@ -59,239 +52,48 @@ superblock rides in the plain keys.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import replace
 
-from blockstore import Batch, ChunkRef, PreparedChunk, Store, View
+from blockstore import Batch, ChunkRef, Environment, PreparedChunk, View
 
+from .buffers import HIDDEN, INF, Layer
 from .errors import FlushNeeded, FsError
+from .patches import (
+    FIRST_CHUNK_KEY,
+    NewPatch,
+    Unit,
+    delete_patches,
+    extent,
+    lay,
+    patch_unit,
+    patched_chunks,
+    plan_patch,
+    refs,
+    rewrite_whole,
+)
 from .schema import (
-    CHUNK_KEY_LEN,
     InodeRecord,
     chunk_index,
     chunk_ino,
     chunk_key,
     chunk_prefix,
     inode_key,
-    patch_key,
     patch_offset,
 )
 
 log = logging.getLogger(__name__)
 
-INF = 1 << 62  # an index past any chunk of any file (2**63 bytes / 4 KiB chunks)
 _SCAN_BATCH = 1024
 _ENTRY_OVERHEAD = 128  # bytes charged per cache entry besides its data
 _AHEAD_BATCH = 16  # chunks per task sent to the prepare pool (tasks are cancelled whole)
 MERGE_SLACK = 8 << 20  # bytes merged beyond what a writer lacks, so the next writes fit
 MERGE_BATCH = 64  # chunks rewritten whole per transaction when merging patches
 _RECORD_ALIGN = 4096  # the store's record alignment (blockstore.segments.ALIGN)
-_FIRST_CHUNK_KEY = b"C"  # every chunk and patch key starts with this
-# A chunk carries at most PATCH_MAX patches holding at most 1/PATCH_SHARE of a chunk;
-# past that it is rewritten whole. Measured through a mount (1 GiB file, three 10 s
-# random 4 KiB write runs, then random reads): 8 patches and half a chunk wrote
-# ~10% faster in the second run but read the patched file at 0.54 of an unpatched
-# one and stored 30% more; 4 and a quarter: 0.71 and 13%; 2 and an eighth wrote
-# ~20% slower.
-PATCH_MAX = 4
-PATCH_SHARE = 4
-
-
-class _Hidden:
-    """The marker returned for a chunk that a layer hides (reads as zeros)."""
-
-    def __repr__(self) -> str:
-        return "HIDDEN"
-
-
-HIDDEN = _Hidden()
-
-
-class IndexRanges:
-    """Sorted, disjoint, half-open ranges of chunk indexes."""
-
-    __slots__ = ("ranges",)
-
-    def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
-
-    def add(self, lo: int, hi: int) -> None:
-        if lo >= hi:
-            return
-        keep: list[tuple[int, int]] = []
-        for a, b in self.ranges:
-            if b < lo or a > hi:
-                keep.append((a, b))
-            else:
-                lo, hi = min(lo, a), max(hi, b)
-        keep.append((lo, hi))
-        keep.sort()
-        self.ranges = keep
-
-    def covers(self, index: int) -> bool:
-        i = bisect.bisect_right(self.ranges, (index, INF + 1)) - 1
-        return i >= 0 and index < self.ranges[i][1]
-
-    def __bool__(self) -> bool:
-        return bool(self.ranges)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self.ranges)
-
-
-class FileOverlay:
-    """One file's buffered data: dirty chunks over hidden ranges over the layer below.
-
-    A dirty chunk is ``bytes`` while it holds one whole-chunk write (immutable: it
-    can be read, hashed and prepared ahead without a copy) and becomes a
-    ``bytearray`` the first time it is changed in part (``Layer.chunk_for_update``).
-
-    ``ready``: chunks whose hashing and compression started ahead of the flush
-    (``FileData.prepare_ahead``), each a future of prepared chunks and a position
-    in it. An entry exists only while its buffer is unchanged since the snapshot
-    that was prepared: every change to a buffer goes through
-    ``Layer.chunk_for_update`` or ``Layer.hide``, which drop the entry.
-
-    ``patches``: per chunk without a dirty buffer, offset -> bytes; they never
-    overlap.
-    """
-
-    __slots__ = ("base", "chunks", "growth", "hidden", "patches", "ready")
-
-    def __init__(self) -> None:
-        self.chunks: dict[int, bytearray | bytes] = {}
-        self.base: dict[int, int] = {}
-        self.hidden = IndexRanges()
-        self.growth = 0
-        self.ready: dict[int, tuple[Future[list[PreparedChunk]], int]] = {}
-        self.patches: dict[int, dict[int, bytes]] = {}
-
-    def lookup(self, index: int) -> bytearray | bytes | _Hidden | None:
-        buf = self.chunks.get(index)
-        if buf is not None:
-            return buf
-        if self.hidden and self.hidden.covers(index):
-            return HIDDEN
-        return None
-
-
-class Layer:
-    """One generation of buffered changes (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.files: dict[int, FileOverlay] = {}
-        self.kv: dict[bytes, bytes | None] = {}
-        self.prefix_deletes: list[bytes] = []
-        self.dirty_bytes = 0
-        self.growth = 0
-        self.stored = 0  # a bound of what committing this layer appends to the store
-        self.ahead = False  # a flush became due: the backlog was sent to be prepared ahead
-
-    def __bool__(self) -> bool:
-        return bool(self.files or self.kv or self.prefix_deletes)
-
-    def lookup_chunk(self, ino: int, index: int) -> bytearray | bytes | _Hidden | None:
-        fo = self.files.get(ino)
-        return None if fo is None else fo.lookup(index)
-
-    def lookup_kv(self, key: bytes) -> tuple[bool, bytes | None]:
-        if key in self.kv:
-            return True, self.kv[key]
-        return False, None
-
-    def file_growth(self, ino: int) -> int:
-        fo = self.files.get(ino)
-        return 0 if fo is None else fo.growth
-
-    def chunk_for_update(
-        self, ino: int, index: int, load: Callable[[], tuple[bytes | bytearray, int]]
-    ) -> bytearray:
-        """The mutable dirty buffer of a chunk, created from ``load() -> (content, base)``."""
-        fo = self.files.get(ino)
-        if fo is None:
-            fo = self.files[ino] = FileOverlay()
-        buf = fo.chunks.get(index)
-        if buf is None:
-            content, base = load()  # with this layer's patches applied: drop them
-            self._drop_patches(fo, index)
-            new = fo.chunks[index] = bytearray(content)
-            fo.base[index] = base
-            self._account(fo, len(new) - base, len(new))
-            return new
-        if fo.ready:
-            fo.ready.pop(index, None)  # the caller changes the buffer: that snapshot is stale
-        if isinstance(buf, bytes):
-            buf = fo.chunks[index] = bytearray(buf)
-        return buf
-
-    def put_whole(self, ino: int, index: int, data: bytes, base: int) -> None:
-        """Make ``data`` (a whole chunk) the chunk's content; ``base``: the length it replaces."""
-        fo = self.files.get(ino)
-        if fo is None:
-            fo = self.files[ino] = FileOverlay()
-        old = fo.chunks.get(index)
-        if old is None:
-            self._drop_patches(fo, index)
-            fo.base[index] = base
-            self._account(fo, len(data) - base, len(data))
-        else:
-            fo.ready.pop(index, None)
-            self._account(fo, len(data) - len(old), len(data) - len(old))
-        fo.chunks[index] = data
-
-    def resized(self, ino: int, old_length: int, new_length: int) -> None:
-        """Account a dirty buffer of ``ino`` that changed length in place."""
-        d = new_length - old_length
-        if d:
-            self._account(self.files[ino], d, d)
-
-    def hide(self, ino: int, lo: int, hi: int) -> None:
-        """Hide chunks ``[lo, hi)`` of ``ino``: drop their buffers, delete them at commit."""
-        fo = self.files.get(ino)
-        if fo is None:
-            fo = self.files[ino] = FileOverlay()
-        for index in [i for i in fo.chunks if lo <= i < hi]:
-            buf = fo.chunks.pop(index)
-            base = fo.base.pop(index)
-            fo.ready.pop(index, None)
-            self._account(fo, base - len(buf), -len(buf))
-        for index in [i for i in fo.patches if lo <= i < hi]:
-            self._drop_patches(fo, index)
-        fo.hidden.add(lo, hi)
-
-    def patches_of(self, ino: int, index: int) -> dict[int, bytes] | None:
-        fo = self.files.get(ino)
-        return None if fo is None else fo.patches.get(index)
-
-    def add_patch(self, ino: int, index: int, off: int, data: bytes, replaced: list[int]) -> None:
-        """Lay ``data`` over chunk ``index`` at ``off`` in place of this layer's
-        patches at ``replaced`` (which ``data`` already includes)."""
-        fo = self.files.get(ino)
-        if fo is None:
-            fo = self.files[ino] = FileOverlay()
-        mine = fo.patches.get(index)
-        if mine is None:
-            mine = fo.patches[index] = {}
-        freed = sum(len(mine.pop(o)) for o in replaced)
-        mine[off] = data
-        self._account(fo, len(data) - freed, len(data) - freed)
-
-    def _drop_patches(self, fo: FileOverlay, index: int) -> None:
-        """Forget this layer's patches of a chunk (now rewritten whole, or hidden)."""
-        mine = fo.patches.pop(index, None)
-        if mine:
-            n = sum(len(d) for d in mine.values())
-            self._account(fo, -n, -n)
-
-    def _account(self, fo: FileOverlay, growth: int, dirty: int) -> None:
-        fo.growth += growth
-        self.growth += growth
-        self.dirty_bytes += dirty
 
 
 class ChunkCache:
@@ -335,12 +137,6 @@ class ChunkCache:
         self.size = 0
 
 
-# One chunk's share of a commit: (stored bytes gained, ino, keys to delete, chunks to put).
-_Unit = tuple[int, int, list[bytes], list[tuple[bytes, PreparedChunk]]]
-# A patch on its way to the store: (offset in its chunk, bytes, prepared chunk).
-_NewPatch = tuple[int, bytes | bytearray, PreparedChunk]
-
-
 class FlushJob:
     """A frozen layer plus the inode records captured with it, on its way to the store.
 
@@ -374,7 +170,7 @@ class FlushJob:
     def dirty_bytes(self) -> int:
         return self.layer.dirty_bytes
 
-    def prepare(self, store: Store, level: int, part: int = 0, parts: int = 1) -> None:
+    def prepare(self, store: Environment, level: int, part: int = 0, parts: int = 1) -> None:
         self.level = level  # for chunks the commit rewrites whole
         for i in range(part, len(self.chunks), parts):
             if self.prepared[i] is None:
@@ -417,20 +213,20 @@ class FlushJob:
             for ino, fo in layer.files.items():
                 for lo, hi in fo.hidden:
                     _delete_chunks(b, ino, lo, hi, fo.chunks, deltas)
-            units: list[_Unit] = []
-            patched: dict[tuple[int, int], list[_NewPatch]] = defaultdict(list)
+            units: list[Unit] = []
+            patched: dict[tuple[int, int], list[NewPatch]] = defaultdict(list)
             for (ino, index, off, data), prep in zip(self.chunks, self.prepared, strict=True):
                 assert prep is not None, "commit before prepare"
                 if off is not None:
                     patched[(ino, index)].append((off, data, prep))
                     continue
                 key = chunk_key(ino, index)
-                stored = _refs(b, key)  # the whole chunk replaces its patches too
+                stored = refs(b, key)  # the whole chunk replaces its patches too
                 old = sum(ref.raw_length for ref in stored.values())
                 patches = [k for k in stored if k != key]
                 units.append((prep.raw_length - old, ino, patches, [(key, prep)]))
             for (ino, index), new in patched.items():
-                units.append(self._patch_unit(b, ino, index, new))
+                units.append(patch_unit(b, ino, index, new, self.chunk_size, self.level))
             units.sort(key=lambda u: u[0])  # shrinking first (see the module docstring)
             for delta, ino, deletes, puts in units:
                 for key in deletes:
@@ -448,64 +244,6 @@ class FlushJob:
                 b.put(inode_key(ino), rec.pack())
         return dict(deltas)
 
-    def _patch_unit(self, b: Batch, ino: int, index: int, new: list[_NewPatch]) -> _Unit:
-        """Store a chunk's new patches over its stored ones (see the module docstring)."""
-        key = chunk_key(ino, index)
-        stored = _refs(b, key)  # the chunk itself and its patches
-        spans = [(off, off + len(data)) for off, data, _ in new]
-        mine = {patch_key(ino, index, off) for off, _, _ in new}
-        kept = kept_bytes = gone = 0
-        deletes = []
-        conflict = False
-        for k, ref in stored.items():
-            if k == key:
-                continue
-            o = patch_offset(k) or 0
-            e = o + ref.raw_length
-            hits = [(s, t) for s, t in spans if s < e and t > o]
-            if not hits:
-                kept += 1
-                kept_bytes += ref.raw_length
-            elif any(s <= o and e <= t for s, t in hits):
-                gone += ref.raw_length
-                if k not in mine:
-                    deletes.append(k)  # covered by a new patch (one at its offset replaces it)
-            else:
-                conflict = True
-        total = kept_bytes + sum(len(data) for _, data, _ in new)
-        if (
-            not conflict
-            and kept + len(new) <= PATCH_MAX
-            and total <= self.chunk_size // PATCH_SHARE
-        ):
-            puts = [(patch_key(ino, index, off), prep) for off, _, prep in new]
-            return sum(prep.raw_length for _, _, prep in new) - gone, ino, deletes, puts
-        gained, deletes, puts = _rewrite_whole(
-            b, key, stored, [(off, data) for off, data, _ in new], self.level
-        )
-        return gained, ino, deletes, puts
-
-
-def _rewrite_whole(
-    b: Batch,
-    key: bytes,
-    stored: dict[bytes, ChunkRef],
-    new: list[tuple[int, bytes | bytearray]],
-    level: int | None,
-) -> tuple[int, list[bytes], list[tuple[bytes, PreparedChunk]]]:
-    """A chunk rewritten whole: its stored bytes and patches (``stored``, read in the
-    batch), then ``new`` patches. Returns (stored bytes gained, keys to delete, puts)."""
-    keys = sorted(stored, key=lambda k: k != key)  # the chunk itself first, then its patches
-    refs = [stored[k] for k in keys]
-    buf = bytearray()
-    for k, got in zip(keys, b.read_chunks(refs), strict=True):
-        _lay(buf, patch_offset(k) or 0, got)
-    for off, data in new:
-        _lay(buf, off, data)
-    prep = b.view.store.prepare_chunk(memoryview(buf), level)
-    gained = prep.raw_length - sum(ref.raw_length for ref in refs)
-    return gained, [k for k in stored if k != key], [(key, prep)]
-
 
 def _record_bound(n: int) -> int:
     """The most the store's segments take for a chunk of ``n`` bytes (zstd's worst-case
@@ -513,7 +251,7 @@ def _record_bound(n: int) -> int:
     return -(-(n + (n >> 7) + 64) // _RECORD_ALIGN) * _RECORD_ALIGN
 
 
-def _prepare_all(store: Store, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
+def _prepare_all(store: Environment, level: int, snaps: list[bytes]) -> list[PreparedChunk]:
     return [store.prepare_chunk(snap, level) for snap in snaps]
 
 
@@ -569,7 +307,7 @@ class FileData:
         self.live = Layer()
         self.inflight: FlushJob | None = None
         self.epoch = 0  # bumped whenever the store's copy of file data may have changed
-        self._merge_from = _FIRST_CHUNK_KEY  # where the next merge of patches starts
+        self._merge_from = FIRST_CHUNK_KEY  # where the next merge of patches starts
         self.used, self.capacity = view.usage()
         self.room = self.store.room()  # what the store's filesystem can still take
         # Where writes send chunks to be hashed and compressed before the flush needs
@@ -639,7 +377,7 @@ class FileData:
         merged = bytearray(base)
         for mine in reversed(patches):
             for off, data in mine.items():
-                _lay(merged, off, data)
+                lay(merged, off, data)
         return merged, len(merged)
 
     def _read_stored(self, ino: int, indexes: list[int]) -> list[bytes]:
@@ -667,7 +405,7 @@ class FileData:
                 cur = found.get(index, b"")
                 if not isinstance(cur, bytearray):
                     cur = found[index] = bytearray(cur)
-                _lay(cur, off, data)
+                lay(cur, off, data)
         out = []
         for index in indexes:
             got = found.get(index, b"")
@@ -677,7 +415,7 @@ class FileData:
     def _stored_length(self, ino: int, index: int) -> int:
         """The length of a stored chunk with its stored patches applied."""
         entries = self.view.scan(chunk_key(ino, index))
-        return _extent({k: v for k, v in entries if isinstance(v, ChunkRef)})
+        return extent({k: v for k, v in entries if isinstance(v, ChunkRef)})
 
     def update_chunk(
         self, ino: int, size: int, index: int, length_if_replaced: int | None = None
@@ -760,7 +498,7 @@ class FileData:
         live = self.live
         if off // cs == (end - 1) // cs and n < cs:
             index = off // cs
-            patch = self._patch_plan(ino, size, index, off - index * cs, mv)
+            patch = plan_patch(self.layers(), cs, ino, size, index, off - index * cs, mv)
             # A patch needs new space; short of it, rewriting the chunk needs none.
             if patch is not None and (
                 self.used + self.pending_growth() + len(patch[1]) <= self.capacity
@@ -812,44 +550,6 @@ class FileData:
             elif ahead:
                 self.prepare_ahead(ino, ahead)
         return max(size, end)
-
-    def _patch_plan(
-        self, ino: int, size: int, index: int, s: int, data: memoryview
-    ) -> tuple[int, bytes, list[int]] | None:
-        """Whether writing ``data`` at ``s`` into chunk ``index`` can be a patch.
-
-        None if not: the chunk has a dirty buffer or is hidden, or the live layer's
-        patches of the chunk would pass the limits. Otherwise (offset, bytes, the
-        live patches it replaces): a patch absorbs the live ones it overlaps or
-        touches. The store is not consulted (the commit meets the stored patches).
-        """
-        if index * self.chunk_size >= size or any(
-            layer.lookup_chunk(ino, index) is not None for layer in self.layers()
-        ):
-            return None
-        e = s + len(data)
-        mine = self.live.patches_of(ino, index) or {}
-        # Patches it overlaps or touches become one (small sequential writes grow one patch).
-        replaced = [o for o, d in mine.items() if o <= e and o + len(d) >= s]
-        start, stop = s, e
-        for o in replaced:
-            start, stop = min(start, o), max(stop, o + len(mine[o]))
-        total = (
-            stop - start + sum(len(d) for d in mine.values()) - sum(len(mine[o]) for o in replaced)
-        )
-        if len(mine) - len(replaced) >= PATCH_MAX or total > self.chunk_size // PATCH_SHARE:
-            return None
-        if start == s and stop == e:
-            piece = bytes(data)
-        else:
-            buf = bytearray(stop - start)
-            for o in replaced:
-                buf[o - start : o - start + len(mine[o])] = mine[o]
-            buf[s - start : e - start] = data
-            piece = bytes(buf)
-        if not piece.strip(b"\0"):
-            return None  # all zeros would be a hole, which the store does not keep
-        return start, piece, replaced
 
     @property
     def flush_threshold(self) -> int:
@@ -936,19 +636,19 @@ class FileData:
                 n = min(cs - s, n_total - pos)
                 src_index, src_s = divmod(off_in + pos, cs)
                 dkey = chunk_key(dst_ino, index)
-                old = _refs(b, dkey)  # the chunk (key dkey) and its patches
+                old = refs(b, dkey)  # the chunk (key dkey) and its patches
                 old_len = sum(ref.raw_length for ref in old.values())
                 skey = chunk_key(src, src_index)
-                src_refs = _refs(b, skey)
+                src_refs = refs(b, skey)
                 src_ref = src_refs.get(skey)
                 src_len = src_ref.raw_length if src_ref is not None else 0
                 if (
                     all(k == skey for k in src_refs)  # a chunk with patches is not shared
                     and s == 0
                     and src_s == 0
-                    and (n == cs or (src_len <= n and _extent(old) <= n))
+                    and (n == cs or (src_len <= n and extent(old) <= n))
                 ):
-                    _delete_patches(b, dkey, old)
+                    delete_patches(b, dkey, old)
                     if src_ref is not None:
                         b.put_ref(dkey, src_ref)
                     else:
@@ -957,10 +657,10 @@ class FileData:
                 else:
                     cur = bytearray()
                     for k, ref in old.items():
-                        _lay(cur, patch_offset(k) or 0, self.store.read_chunk(ref))
-                    _lay(cur, s, self.read(src, src_size, off_in + pos, n).ljust(n, b"\0"))
+                        lay(cur, patch_offset(k) or 0, self.store.read_chunk(ref))
+                    lay(cur, s, self.read(src, src_size, off_in + pos, n).ljust(n, b"\0"))
                     prep = self.store.prepare_chunk(memoryview(cur), self.level)
-                    _delete_patches(b, dkey, old)
+                    delete_patches(b, dkey, old)
                     b.put_chunk(dkey, prep)
                     delta += prep.raw_length - old_len
                 touched.append(index)
@@ -1001,10 +701,10 @@ class FileData:
         freed = 0
         while freed < want:
             with self.view.batch() as b:
-                keys, resume = _patched_chunks(b, start, MERGE_BATCH)
+                keys, resume = patched_chunks(b, start, MERGE_BATCH)
                 mine: dict[int, int] = defaultdict(int)
                 for key in keys:
-                    gained, deletes, puts = _rewrite_whole(b, key, _refs(b, key), [], self.level)
+                    gained, deletes, puts = rewrite_whole(b, key, refs(b, key), [], self.level)
                     for k in deletes:
                         b.delete(k)
                     for k, prep in puts:
@@ -1027,8 +727,8 @@ class FileData:
                 if wrapped and start >= origin:
                     break  # went round: every patched chunk was seen
                 continue
-            start = _FIRST_CHUNK_KEY  # the end: go round once, from the first chunk
-            if wrapped or origin == _FIRST_CHUNK_KEY:
+            start = FIRST_CHUNK_KEY  # the end: go round once, from the first chunk
+            if wrapped or origin == FIRST_CHUNK_KEY:
                 break
             wrapped = True
         self._merge_from = start
@@ -1100,42 +800,3 @@ class FileData:
         if epoch == self.epoch:
             for index, data in chunks:
                 self.cache.put((ino, index), data)
-
-
-def _patched_chunks(b: Batch, start: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
-    """Keys of up to ``limit`` chunks with stored patches, from ``start`` in key order,
-    and the key to resume at (None: the end was reached)."""
-    found: list[bytes] = []
-    for k, _ in b.scan(_FIRST_CHUNK_KEY, start):
-        if len(k) <= CHUNK_KEY_LEN:
-            continue  # a chunk's own entry
-        key = k[:CHUNK_KEY_LEN]
-        if found and found[-1] == key:
-            continue
-        if len(found) == limit:
-            return found, key
-        found.append(key)
-    return found, None
-
-
-def _lay(buf: bytearray, off: int, data: bytes | bytearray) -> None:
-    """Write ``data`` into ``buf`` at ``off``, extending it with zeros if it is short."""
-    if len(buf) < off:
-        buf.extend(bytes(off - len(buf)))
-    buf[off : off + len(data)] = data
-
-
-def _refs(b: Batch, key: bytes) -> dict[bytes, ChunkRef]:
-    """The stored chunk under ``key`` and its patches, key -> reference, in key order."""
-    return {k: v for k, v in b.scan(key) if isinstance(v, ChunkRef)}
-
-
-def _delete_patches(b: Batch, key: bytes, refs: dict[bytes, ChunkRef]) -> None:
-    for k in refs:
-        if k != key:
-            b.delete(k)
-
-
-def _extent(refs: dict[bytes, ChunkRef]) -> int:
-    """The length of a chunk with its patches applied."""
-    return max([0, *((patch_offset(k) or 0) + ref.raw_length for k, ref in refs.items())])

@@ -5,28 +5,17 @@ translate arguments, call the synchronous ``Filesystem`` and turn ``FsError`` in
 ``pyfuse3.FUSEError``; nothing else leaves a handler (an unexpected exception is
 logged and becomes EIO, so one bug cannot take the mount down).
 
-Work that pays to move off the trio thread goes to worker threads: hashing and
-compressing chunks (a small pool, since hashlib and zstandard release the GIL:
-writes send it the chunks they complete, and once a flush is due the chunks they
-create, so the next batch is prepared while the previous one commits; see
-``FileData.prepare_ahead``), the LMDB commit, and fetching + verifying stored
-chunks for large reads and sequential read-ahead (``Fetcher``; a request needing
-one or two chunks fetches them inline, which is cheaper than a thread handoff).
-Everything else runs on the trio thread between checkpoints, so ``Filesystem``
-needs no locks; at most one flush runs at a time (``Flusher.lock``) while handlers
-keep filling a fresh layer.
-
-Flushes happen on fsync and fsyncdir, when the dirty buffers pass half their bound
-(in the background) or their bound (the writer waits), every ``FLUSH_INTERVAL``
-seconds or ``IDLE_FLUSH`` seconds after changes stop, on a request from
-``control.request_flush``, and on unmount or SIGTERM / SIGINT (after the FUSE loop
-stops, before the mount goes away). Serving ends when the file system has no mount
-left in the daemon's own mount namespace, even if a copy lives on in another one
-(``_stop_when_unmounted``): an unmount here always ends the daemon.
+Work that pays to move off the trio thread goes to worker threads: preparing and
+committing flushes (``flusher.Flusher``, which also says when flushes happen) and
+fetching + verifying stored chunks for large reads and sequential read-ahead
+(``fetcher.Fetcher``). Everything else runs on the trio thread between
+checkpoints, so ``Filesystem`` needs no locks. Serving ends when the file system
+has no mount left in the daemon's own mount namespace, even if a copy lives on in
+another one (``_stop_when_unmounted``): an unmount here always ends the daemon.
 
 Failures (docs/faults.md): a flush that fails raises ``FsError`` (ENOSPC for a full
 store, EIO for anything else, a bug included) and leaves its changes buffered for
-the next flush; fsync and fsyncdir return the error, close of a file opened for
+the next flush (``flusher``); fsync and fsyncdir return the error, close of a file opened for
 writing retries and returns it while a failure is outstanding, and no failure ends
 the event loop: the daemon never unmounts itself. A final flush that fails when the
 mount ends raises ``DataNotStored`` out of ``serve`` (logged at CRITICAL).
@@ -63,13 +52,11 @@ FUSE_MAX_MAX_PAGES = 256 pages), and it accepts no max_write option on
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
 import errno
 import fcntl
-import functools
 import logging
 import os
 import select
@@ -88,8 +75,9 @@ from blockstore import Store as _Store
 
 from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount, syncfs
 from .errors import DataNotStored, FlushNeeded, FsError, failure, translate
-from .filedata import FlushJob
+from .fetcher import Fetcher
 from .filesystem import Filesystem, StatFs
+from .flusher import Flusher, invalidate_attrs
 from .namespace import Attributes, Ctx
 from .schema import ROOT_INO
 
@@ -108,17 +96,6 @@ ENTRY_TIMEOUT = 3600.0
 ATTR_TIMEOUT = 60.0
 CACHED = CacheTimeouts(ENTRY_TIMEOUT, ATTR_TIMEOUT)
 SHARED = CacheTimeouts(1.0, 1.0)  # a read-only mount of a volume: another daemon may write it
-FLUSH_INTERVAL = 3.0
-IDLE_FLUSH = 0.5
-PREPARE_THREADS = 2
-# Fetching stored chunks (see ``Fetcher``): a request that needs at most this many
-# fetches them on the trio thread; larger ones and read-ahead go to worker threads
-# in batches of FETCH_BATCH, at most READ_AHEAD_TASKS batches of read-ahead at once.
-INLINE_FETCH_CHUNKS = 2  # at least 2: a request no larger than a chunk spans two
-FETCH_BATCH = 4
-READ_AHEAD_BATCH = 16
-READ_AHEAD_BYTES = 4 * 1024 * 1024  # measured: cold sequential reads 1.5x, 2 MiB 1.25x
-READ_AHEAD_TASKS = 4
 # glibc malloc (see ``_keep_freed_memory``): allocations up to MALLOC_MMAP_BYTES come
 # from the heap, and up to MALLOC_KEEP_BYTES of freed heap stays with the process.
 READ_AHEAD_KB = 1024  # the mount's kernel read-ahead (the kernel's default: 128 KiB)
@@ -203,21 +180,6 @@ def _negative_entry(timeout: float) -> pyfuse3.EntryAttributes:
     return e
 
 
-def _invalidate_attrs(ino: int) -> None:
-    """Make the kernel forget cached attributes the daemon changed on its own."""
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=True)
-    except OSError as exc:
-        # ENOENT: the kernel holds no inode for it (forgotten), nothing to drop.
-        if exc.errno != errno.ENOENT:
-            log.warning("event=invalidate_failed ino=%d error=%s", ino, exc)
-
-
-def _invalidate_all_attrs(inos: Sequence[int]) -> None:
-    for ino in inos:
-        _invalidate_attrs(ino)
-
-
 def _statvfs(s: StatFs) -> pyfuse3.StatvfsData:
     d = pyfuse3.StatvfsData()
     d.f_bsize, d.f_frsize = s.bsize, s.frsize
@@ -225,295 +187,6 @@ def _statvfs(s: StatFs) -> pyfuse3.StatvfsData:
     d.f_files, d.f_ffree, d.f_favail = s.files, s.ffree, s.favail
     d.f_namemax = s.namemax
     return d
-
-
-class Flusher:
-    """Runs flushes one at a time, with hashing, compression and commit in threads.
-
-    The pool that prepares chunks is also ``FileData.prepare_pool``: chunks sent
-    ahead by writes are usually ready when the flush freezes them.
-    """
-
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
-        self.lock = trio.Lock()
-        # A flush holds the lock. Not ``lock.locked()``: the tasks in ``wait_idle`` hold
-        # it in turn too, and writers that took that for a flush running would wait for
-        # each other forever with full buffers and no flush (seen with the writeback
-        # cache, whose write back sends several writes at once).
-        self.flushing = False
-        self.nursery: trio.Nursery | None = None
-        self._background = False
-        # The error of the last flush, while buffered changes it could not store remain
-        # (None once a flush succeeds): close(2) of a file opened for writing reports it.
-        self.failure: FsError | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            PREPARE_THREADS, thread_name_prefix="fusedrive-prepare"
-        )
-        if not fs.read_only:
-            fs.data.prepare_pool = self._pool
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-    def _prepare(self, job: FlushJob) -> None:
-        fs = self.fs
-        parts = [
-            self._pool.submit(job.prepare, fs.store, fs.data.level, part, PREPARE_THREADS)
-            for part in range(PREPARE_THREADS)
-        ]
-        for f in parts:
-            f.result()
-
-    async def flush(self) -> None:
-        """Commit everything buffered before the call.
-
-        Raises ``FsError`` and nothing else (ENOSPC when the store is full, EIO for
-        any other failure, a bug included); the changes stay buffered, to be
-        committed by the next flush.
-        """
-        async with self.lock:
-            self.flushing = True
-            try:
-                await self._flush_locked()
-            finally:
-                self.flushing = False
-
-    async def _flush_locked(self) -> None:
-        """``flush`` with the lock held."""
-        while True:  # a failed job first, if any, then the live layer
-            retry = self.fs.data.inflight is not None
-            try:
-                job = self.fs.begin_flush()
-            except Exception as exc:
-                raise failure(exc) from exc
-            if job is None:
-                self.failure = None  # nothing is left unstored
-                return
-            try:
-                t0 = trio.current_time()
-                if job.chunks:
-                    await trio.to_thread.run_sync(self._prepare, job)
-                t1 = trio.current_time()
-                deltas = await trio.to_thread.run_sync(job.commit, self.fs.view)
-                log.debug(
-                    "event=flushed bytes=%d chunks=%d prepare_ms=%.1f commit_ms=%.1f",
-                    job.dirty_bytes,
-                    len(job.chunks),
-                    (t1 - t0) * 1000,
-                    (trio.current_time() - t1) * 1000,
-                )
-            except BaseException as exc:
-                self.fs.finish_flush(job, None)
-                if not isinstance(exc, Exception):
-                    raise  # cancelled: the job stays buffered for the next flush
-                self.failure = failure(exc)
-                log.error(
-                    "event=flush_failed errno=%s buffered_bytes=%d error=%s",
-                    errno.errorcode.get(self.failure.errno, self.failure.errno),
-                    self.fs.data.pending_bytes(),
-                    self.failure,
-                )
-                raise self.failure from exc
-            self.failure = None
-            try:
-                self.fs.finish_flush(job, deltas)
-            except Exception as exc:  # committed; only the bookkeeping after it failed
-                raise failure(exc) from exc
-            self._stored(list(job.layer.files))
-            if not retry:
-                return  # what was buffered before the call is committed
-
-    def _stored(self, inos: list[int]) -> None:
-        """The flushed files' st_blocks changed (estimate -> stored): the kernel may
-        hold their attributes for ``ATTR_TIMEOUT``, so drop them, in the background
-        (a thread, as every invalidation here: never on the request path)."""
-        if inos and self.nursery is not None:
-            with contextlib.suppress(RuntimeError):  # the nursery has closed: unmounting
-                self.nursery.start_soon(
-                    functools.partial(trio.to_thread.run_sync, _invalidate_all_attrs, inos)
-                )
-
-    async def wait_idle(self) -> None:
-        """Wait for the flush in flight, if any, to finish."""
-        async with self.lock:
-            pass
-
-    async def make_room(self, space: bool) -> None:
-        """Free dirty buffers for a writer: a full flush only if space is in doubt.
-
-        While a flush is committing, the writer only waits for it: the next one
-        starts in the background, so commits and new writes overlap.
-        """
-        if not space and self.flushing:
-            await self.wait_idle()
-        else:
-            await self.flush()
-
-    async def flush_logged(self) -> None:
-        # Logged by flush; the changes stay buffered and the next flush retries them.
-        with contextlib.suppress(FsError):
-            await self.flush()
-
-    def after_write(self) -> None:
-        """Start a background flush once the dirty buffers pass half their bound."""
-        data = self.fs.data
-        if (
-            self.nursery is not None
-            and not self._background
-            and not self.flushing
-            and data.live.dirty_bytes >= data.flush_threshold
-        ):
-            self._background = True
-            self.nursery.start_soon(self._background_flush)
-
-    async def _background_flush(self) -> None:
-        try:
-            await self.flush_logged()
-        finally:
-            self._background = False
-
-    async def run_timer(self) -> None:
-        """Flush what is pending every ``FLUSH_INTERVAL`` seconds, or once changes stop.
-
-        A mount that has gone quiet is flushed after ``IDLE_FLUSH`` seconds rather
-        than at the next tick: the commit (GIL-bound, and long after a burst of
-        metadata changes) then runs while nobody waits for the daemon, not in the
-        middle of whatever comes next, and the changes are durable sooner.
-        """
-        mark: tuple[int, ...] | None = None
-        due = trio.current_time() + FLUSH_INTERVAL
-        while True:
-            try:
-                mark, due = await self._tick(mark, due)
-            except Exception:  # never let the timer take the mount down
-                log.exception("event=flush_timer_failed")
-                mark, due = None, trio.current_time() + FLUSH_INTERVAL
-
-    async def _tick(
-        self, mark: tuple[int, ...] | None, due: float
-    ) -> tuple[tuple[int, ...] | None, float]:
-        """One turn of ``run_timer``: returns the next (mark, due)."""
-        await trio.sleep(IDLE_FLUSH)
-        if not self.fs.has_pending() or self.flushing:
-            return None, trio.current_time() + FLUSH_INTERVAL
-        now = self._change_mark()
-        # A failed commit is retried at the interval only: it may keep failing.
-        quiet = now == mark and self.fs.data.inflight is None
-        if quiet or trio.current_time() >= due:
-            await self.flush_logged()
-            return None, trio.current_time() + FLUSH_INTERVAL
-        return now, due
-
-    def _change_mark(self) -> tuple[int, ...]:
-        """Numbers that change with almost every change (an unchanged mark means quiet)."""
-        fs, live = self.fs, self.fs.data.live
-        return (live.dirty_bytes, live.growth, len(live.kv), len(fs.dirty), fs.next_ino)
-
-
-class Fetcher:
-    """Fetches and verifies stored chunks before the requests that need them.
-
-    One fetch and verify (a lookup, a pread, a hash) costs tens of microseconds
-    and a round trip through a worker thread costs more (measured: random 4 KiB
-    reads ran 2.5x faster inline), so a request needing at most
-    ``INLINE_FETCH_CHUNKS`` chunks leaves them to ``Filesystem``, which fetches
-    them on the trio thread. Larger requests fetch in batches in worker threads at
-    once (hashing releases the GIL, so the batches use every core). A reader
-    whose request starts where its previous one ended gets the next
-    ``READ_AHEAD_BYTES`` fetched in the background, so that cold sequential reads
-    overlap disk reads and hashing with answering requests.
-
-    Fetched chunks go to the chunk cache only if no commit changed file data
-    meanwhile (``FileData.fill_cache``); a request finding its chunk in flight
-    waits for that fetch instead of starting another, then reads through the
-    cache (or fetches inline if the chunk did not make it there). A failed
-    background fetch is dropped: the request that needs the chunk fetches it again
-    and reports the error.
-    """
-
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
-        self.nursery: trio.Nursery | None = None
-        self._inflight: dict[tuple[int, int], trio.Event] = {}
-        self._next: dict[int, int] = {}  # fh -> where its next sequential read starts
-        self._ahead: dict[int, int] = {}  # fh -> end of the range read ahead for it
-        self._limiter = trio.CapacityLimiter(READ_AHEAD_TASKS)
-
-    def forget(self, fh: int) -> None:
-        self._next.pop(fh, None)
-        self._ahead.pop(fh, None)
-
-    async def before(self, fh: int, off: int, size: int, for_write: bool) -> None:
-        """Have the stored chunks that ``[off, off+size)`` needs ready (read or partial write)."""
-        if not for_write:
-            self._read_ahead(fh, off, size)
-        if size <= self.fs.chunk_size and not self._inflight:
-            return  # at most two chunks and none in flight: the request fetches them inline
-        ino, indexes = self.fs.chunks_to_fetch(fh, off, size, for_write=for_write)
-        if not indexes:
-            return
-        waits = []
-        missing = []
-        for index in indexes:
-            ev = self._inflight.get((ino, index))
-            if ev is None:
-                missing.append(index)
-            else:
-                waits.append(ev)
-        if len(missing) > INLINE_FETCH_CHUNKS:
-            async with trio.open_nursery() as nursery:
-                for lo in range(0, len(missing), FETCH_BATCH):
-                    batch = missing[lo : lo + FETCH_BATCH]
-                    nursery.start_soon(self._fetch, ino, batch, self._register(ino, batch), None)
-        for ev in waits:
-            await ev.wait()
-
-    def _read_ahead(self, fh: int, off: int, size: int) -> None:
-        end = off + size
-        sequential = self._next.get(fh) == off
-        self._next[fh] = end
-        if not sequential or self.nursery is None:
-            self._ahead.pop(fh, None)
-            return
-        start = max(end, self._ahead.get(fh, end))
-        stop = end + READ_AHEAD_BYTES
-        if stop - start < READ_AHEAD_BATCH * self.fs.chunk_size:
-            return
-        self._ahead[fh] = stop
-        ino, indexes = self.fs.chunks_to_fetch(fh, start, stop - start, for_write=False)
-        indexes = [i for i in indexes if (ino, i) not in self._inflight]
-        for lo in range(0, len(indexes), READ_AHEAD_BATCH):
-            batch = indexes[lo : lo + READ_AHEAD_BATCH]
-            self.nursery.start_soon(
-                self._fetch, ino, batch, self._register(ino, batch), self._limiter
-            )
-
-    def _register(self, ino: int, indexes: list[int]) -> trio.Event:
-        ev = trio.Event()
-        for index in indexes:
-            self._inflight[(ino, index)] = ev
-        return ev
-
-    async def _fetch(
-        self, ino: int, indexes: list[int], ev: trio.Event, limiter: trio.CapacityLimiter | None
-    ) -> None:
-        data = self.fs.data
-        epoch = data.epoch
-        try:
-            if limiter is None:
-                chunks = await trio.to_thread.run_sync(data.fetch, ino, indexes)
-            else:
-                chunks = await trio.to_thread.run_sync(data.fetch, ino, indexes, limiter=limiter)
-            data.fill_cache(ino, chunks, epoch)
-        except StoreError as exc:
-            log.debug("event=fetch_failed ino=%d error=%s", ino, exc)
-        except Exception:
-            log.exception("event=fetch_failed ino=%d", ino)
-        finally:
-            for index in indexes:
-                self._inflight.pop((ino, index), None)
-            ev.set()
 
 
 class Operations(pyfuse3.Operations):
@@ -763,7 +436,7 @@ class Operations(pyfuse3.Operations):
                 changed = self.fs.refresh() if self.flusher.failure is not None else []
                 await self.flusher.flush()
                 for ino in {*changed, *self.fs.refresh()}:
-                    await trio.to_thread.run_sync(_invalidate_attrs, ino)
+                    await trio.to_thread.run_sync(invalidate_attrs, ino)
                 log.info("event=flush_request_served")
                 return
             self.fs.setxattr(inode, name, value)

@@ -15,8 +15,8 @@ import lmdb
 import pytest
 
 from blockstore import NoSpace, Store, StoreError, fsck
+from blockstore.environment import RESERVE_MAX, RESERVE_MIN, default_reserve
 from blockstore.errors import store_error_of
-from blockstore.store import RESERVE_MAX, RESERVE_MIN, default_reserve
 from tests.smallfs import small_filesystem
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from blockstore import Store
-from csi_frontend.mounter import DaemonDeaths, DaemonInfo, MounterClient, MounterError
+from csi_frontend.mounter_client import DaemonDeaths, DaemonInfo, MounterClient, MounterError
 from tests.nsutil import NsProcess, SharedDir, mounts_below, process_starttime, wait_gone
 
 pytestmark = pytest.mark.needs_fuse
@@ -211,7 +211,7 @@ def test_bad_requests_get_clear_errors_and_the_mounter_stays_up(env: MounterEnv)
 CLIENT = textwrap.dedent(
     """
     import sys, time
-    from csi_frontend.mounter import MounterClient
+    from csi_frontend.mounter_client import MounterClient
     c = MounterClient(sys.argv[1])
     info, _ = c.start(sys.argv[2], sys.argv[3])
     print(info.pid, flush=True)

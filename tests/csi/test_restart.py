@@ -30,7 +30,7 @@ import pytest
 
 from csi_frontend import loopdev
 from csi_frontend.client import CsiClient
-from csi_frontend.mounter import MounterClient, MounterError
+from csi_frontend.mounter_client import MounterClient, MounterError
 from csi_frontend.proto import csi_pb2
 from tests.nsutil import NsProcess, SharedDir, mounts_below, process_starttime
 

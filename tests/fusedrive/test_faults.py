@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 
 from blockstore import Store
-from blockstore.store import default_reserve
+from blockstore.environment import default_reserve
 from fusedrive import cli
 from fusedrive.control import request_flush
 from fusedrive.daemon import process_starttime
-from fusedrive.fuse_adapter import FLUSH_INTERVAL
+from fusedrive.flusher import FLUSH_INTERVAL
 from tests.smallfs import small_filesystem
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -21,8 +21,8 @@ import pytest
 from blockstore import MODE_BLOCK, ChunkRef, Store, fsck
 from fusedrive import Ctx, Filesystem, FsError, filedata
 from fusedrive.errors import ERRNO_OF_STORE_ERROR, errno_of
-from fusedrive.filedata import PATCH_MAX, PATCH_SHARE
 from fusedrive.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+from fusedrive.patches import PATCH_MAX, PATCH_SHARE
 from fusedrive.schema import (
     FORMAT,
     ROOT_INO,
