@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--writeback-cache",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="let the kernel cache writes and send them later (default: on for read-write "
-        "mounts of filesystem volumes, off for block volumes; docs/datapath.md)",
+        help="let the kernel cache writes and send them later (default: off; snapshots "
+        "of the mount may then miss recent writes; block volumes refuse it; docs/datapath.md)",
     )
     p.add_argument(
         "--timeout",

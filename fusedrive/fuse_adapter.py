@@ -35,13 +35,13 @@ handed out by readdir (READDIRPLUS) keep ``SHARED``: while they are valid, the
 kernel (6.18, measured) does not apply an invalidation to them. A read-only mount
 of a volume may have a writer elsewhere: it keeps ``SHARED`` (1 s, as before).
 
-Kernel options: the writeback cache is on for read-write mounts of filesystem volumes
-(``writeback_default``; per mount with ``writeback_cache``): the kernel keeps writes
+Kernel options: the writeback cache is off unless a read-write mount of a filesystem
+volume asks for it (``writeback_default``, ``writeback_cache``): then the kernel keeps writes
 in its page cache and owns a regular file's size, mtime and ctime (sent as SETATTR),
 appends itself (handles lose O_APPEND here, ``Operations._open_flags``), and writes
 pages back later; ``control.request_flush`` syncfs's the mount before its flush, and
 SIGTERM does too before the loop stops (``_write_back``). docs/datapath.md says
-what changes. Block volumes and read-only mounts keep it off. Mounts use
+what changes, and why it is off. Mounts use
 default_permissions (the kernel checks modes), nosuid, nodev, allow_other unless
 asked otherwise, and ro for read-only mounts.
 libfuse 3.14 asks the kernel for 1 MiB writes by default (its buffer is
@@ -134,7 +134,7 @@ class _fuse_errors:  # lower case: it reads like a function, ``with _fuse_errors
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
-def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
+def _file_info(fh: int, flags: int, writeback: bool) -> pyfuse3.FileInfo:
     """How the kernel should treat an open file.
 
     O_DIRECT opens get FUSE direct I/O: the caller asked to bypass the page cache,
@@ -147,8 +147,11 @@ def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
     rule for direct I/O). Other opens keep the page cache across opens: this
     process is the only writer.
     """
-    if flags & os.O_DIRECT:
+    if flags & os.O_DIRECT and not writeback:
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
+    # With the writeback cache, O_DIRECT takes the kernel's own direct I/O path, which
+    # writes the range's dirty pages back before it reads or writes: FUSE direct I/O
+    # does not, and read the daemon's older bytes and size (found by test_fsx).
     return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
 
@@ -340,7 +343,8 @@ class Operations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _fuse_errors("open"):
-            return _file_info(self.fs.open(inode, self._open_flags(flags)), flags)
+            fh = self.fs.open(inode, self._open_flags(flags))
+            return _file_info(fh, flags, self.enable_writeback_cache)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
@@ -349,7 +353,7 @@ class Operations(pyfuse3.Operations):
             fh, a = self.fs.create(
                 parent_inode, name, mode, self._open_flags(flags), Ctx(ctx.uid, ctx.gid)
             )
-            return _file_info(fh, flags), _entry(a, self.timeouts)
+            return _file_info(fh, flags, self.enable_writeback_cache), _entry(a, self.timeouts)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _fuse_errors("read"):
@@ -615,14 +619,16 @@ def serve(
 
 
 def writeback_default(fs: Filesystem) -> bool:
-    """On for read-write mounts of filesystem volumes (docs/datapath.md, measured).
+    """Off (docs/datapath.md, "Kernel writeback cache"): a mount may opt in.
 
-    Off for read-only mounts (nothing to write back) and for block volumes: with the
-    writeback cache the kernel keeps a regular file's size to itself and ignores the
-    daemon's, so a disk image grown by an expansion (``Filesystem.refresh``) would
-    keep its old size for the loop device until the next mount.
+    syncfs(2) on a FUSE mount does not wait for the write back requests it starts
+    to reach the daemon, so a snapshot cut after ``request_flush`` could miss writes
+    that returned before it (found by tests/fusedrive/test_snapshot_writer.py).
+    Block volumes refuse it (``_choose_writeback``): the kernel keeps a cached
+    regular file's size to itself, so a disk image grown by an expansion
+    (``Filesystem.refresh``) would keep its old size for the loop device.
     """
-    return not fs.read_only and not fs.block_mode
+    return False
 
 
 def _choose_writeback(fs: Filesystem, asked: bool | None) -> bool:
@@ -798,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
         "--writeback-cache",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the kernel's writeback cache (default: on for read-write filesystem volumes)",
+        help="the kernel's writeback cache (default: off; docs/datapath.md)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
