@@ -58,6 +58,16 @@ bench-fio: setup
 bench-pg: setup
 	$(PY) -m benchmarks.pg_bench
 
+# Issue 18's whole table in one run (needs root, /dev/fuse, loop devices, fio, Debian
+# postgresql, rsync; ~20 min on 2 cores): PostgreSQL, fio, small files, SQLite, tar x and
+# rsync, block volumes (ext4 on a loop device) and daemon memory, fusedrive vs a plain
+# directory, trials interleaved. benchmarks/results/datapath.json, DATAPATH.md, datapath.png.
+# `python -m benchmarks.datapath_bench --quick`: small sizes, under 2 minutes, results in
+# benchmarks/results/quick/.
+.PHONY: bench-datapath
+bench-datapath: setup
+	$(PY) -m benchmarks.datapath_bench
+
 # Regenerates csi_frontend/proto/csi_pb2*.py(i) from csi.proto.
 .PHONY: proto
 proto: setup

@@ -245,20 +245,30 @@ def drop_caches() -> None:
 
 
 class Targets:
-    """The three places each job runs, and the fusedrive restart for cold reads."""
+    """The places each job runs (``names``, a subset of ``TARGETS``), and the fusedrive
+    restart for cold reads."""
 
-    def __init__(self, work: Path, cfg: Config, stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self,
+        work: Path,
+        cfg: Config,
+        stack: contextlib.ExitStack,
+        names: Sequence[str] = TARGETS,
+    ) -> None:
         self.work = work
         self.cfg = cfg
+        self.names = tuple(names)
         self.store = work / "store"
         self.plain = work / "plain"
         self.plain.mkdir()
-        create_volume(self.store, "bench", cfg.volume_bytes)
         self._stack = stack
         self.daemons: dict[str, Daemon] = {}
-        self.pids: dict[str, list[int]] = {"fusedrive": [], "memfs": []}
-        self._start("memfs")
-        self._start("fusedrive")
+        self.pids: dict[str, list[int]] = {t: [] for t in self.names if t != "plain"}
+        if "memfs" in self.names:
+            self._start("memfs")
+        if "fusedrive" in self.names:
+            create_volume(self.store, "bench", cfg.volume_bytes)
+            self._start("fusedrive")
 
     def _start(self, name: str) -> None:
         mp = self.work / f"mnt-{name}"
@@ -350,6 +360,21 @@ def rand_args(rw: str, nbytes: int, seconds: int) -> list[str]:
     if rw == "randwrite":
         args += ["--refill_buffers=1", "--end_fsync=1"]
     return args
+
+
+# The fio jobs, in the order they run: each reads or writes the file job 1 wrote.
+FIO_JOBS = ("seq_write", "seq_read", "rand_read", "rand_write")
+
+
+def fio_job_args(job: str, cfg: Config) -> list[str]:
+    """fio's arguments for one of ``FIO_JOBS`` (the file comes from the caller)."""
+    if job == "seq_write":
+        return seq_write_args(cfg.seq_bytes)
+    if job == "seq_read":
+        return seq_read_args(cfg.seq_bytes)
+    if job in ("rand_read", "rand_write"):
+        return rand_args(job.replace("_", ""), cfg.seq_bytes, cfg.rand_seconds)
+    raise ValueError(f"unknown fio job {job!r}")
 
 
 def fio_timeout(cfg: Config, nbytes: int) -> float:
@@ -606,6 +631,29 @@ def summarize_trials(trials: list[dict[str, Any]], metrics: Sequence[str]) -> di
     return out
 
 
+def fio_trial(targets: Targets, t: str, job: str, cfg: Config) -> dict[str, Any]:
+    """One trial of one of ``FIO_JOBS`` on target ``t``, by the rules of this module: a
+    sequential write writes a new file; a cold read restarts the fusedrive daemon (when
+    ``t`` is fusedrive) and drops the page cache first (when ``cfg.drop_caches``); the
+    daemon's CPU seconds during the job are recorded for a FUSE target."""
+    f = targets.path(t) / "seq"
+    if job == "seq_write" and f.exists():  # every trial writes a new file
+        f.unlink()
+        fsync_dir(f.parent)
+    if job == "seq_read":
+        if t == "fusedrive":
+            targets.restart_fusedrive()
+        if cfg.drop_caches:
+            drop_caches()
+    # The daemon's CPU time tells a busy daemon from a machine busy elsewhere.
+    pid = targets.daemons[t].pid if t in targets.daemons else None
+    c0 = cpu_seconds(pid) if pid else 0.0
+    raw = run_fio(job, f, fio_job_args(job, cfg), fio_timeout(cfg, cfg.seq_bytes))
+    if pid:
+        raw["daemon_cpu_s"] = cpu_seconds(pid) - c0
+    return raw
+
+
 def measure_jobs(
     targets: Targets, cfg: Config, console: Console
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -615,54 +663,21 @@ def measure_jobs(
     a job's number on a target is the median of its trials.
     """
     size = cfg.seq_bytes
-    timeout = fio_timeout(cfg, size)
     trials: dict[str, dict[str, list[dict[str, Any]]]] = {
         job: {t: [] for t in TARGETS} for job in JOB_METRIC
     }
-
-    def timed(t: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        # The daemon's CPU time tells a busy daemon from a machine busy elsewhere.
-        pid = targets.daemons[t].pid if t in targets.daemons else None
-        c0 = cpu_seconds(pid) if pid else 0.0
-        raw = fn()
-        if pid:
-            raw["daemon_cpu_s"] = cpu_seconds(pid) - c0
-        return raw
-
-    def each(job: str, what: str, fn: Callable[[str], dict[str, Any]]) -> None:
+    headings = {
+        "seq_write": f"[bold]1/5 sequential write, {human(size)}[/]",
+        "seq_read": f"[bold]2/5 sequential read, {human(size)}, cold[/]",
+        "rand_read": f"[bold]3/5 random 4 KiB read and write, {cfg.rand_seconds} s per trial[/]",
+    }
+    for job in FIO_JOBS:
+        if job in headings:
+            console.print(headings[job])
         for trial in range(cfg.trials):
             for t in TARGETS:
-                console.print(f"  {what} on {t}, trial {trial + 1}/{cfg.trials}")
-                trials[job][t].append(fn(t))
-
-    def seq_write(t: str) -> dict[str, Any]:
-        f = targets.path(t) / "seq"
-        if f.exists():  # every trial writes a new file
-            f.unlink()
-            fsync_dir(f.parent)
-        return timed(t, lambda: run_fio("seq_write", f, seq_write_args(size), timeout))
-
-    def cold_read(t: str) -> dict[str, Any]:
-        if t == "fusedrive":
-            targets.restart_fusedrive()
-        if cfg.drop_caches:
-            drop_caches()
-        f = targets.path(t) / "seq"
-        return timed(t, lambda: run_fio("seq_read", f, seq_read_args(size), timeout))
-
-    console.print(f"[bold]1/5 sequential write, {human(size)}[/]")
-    each("seq_write", "write", seq_write)
-    console.print(f"[bold]2/5 sequential read, {human(size)}, cold[/]")
-    each("seq_read", "read", cold_read)
-    console.print(f"[bold]3/5 random 4 KiB read and write, {cfg.rand_seconds} s per trial[/]")
-    for rw, job in (("randread", "rand_read"), ("randwrite", "rand_write")):
-        args = rand_args(rw, size, cfg.rand_seconds)
-
-        def rand(t: str, a: list[str] = args, j: str = job) -> dict[str, Any]:
-            f = targets.path(t) / "seq"
-            return timed(t, lambda: run_fio(j, f, a, timeout))
-
-        each(job, rw, rand)
+                console.print(f"  {job} on {t}, trial {trial + 1}/{cfg.trials}")
+                trials[job][t].append(fio_trial(targets, t, job, cfg))
     settle = SMALL_SETTLE
     console.print(f"[bold]4/5 create, stat, unlink of {cfg.small_files} files[/]")
     loads: dict[str, list[list[float]]] = {t: [] for t in TARGETS}

@@ -260,12 +260,12 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def work_directory(root: Path) -> Iterator[Path]:
+def work_directory(root: Path, prefix: str = "pg-bench-") -> Iterator[Path]:
     """A fresh directory under ``root`` the postgres user can reach, removed afterwards
     unless something is still mounted under it."""
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="pg-bench-", dir=root))
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     os.chmod(work, 0o755)
     try:
         yield work
