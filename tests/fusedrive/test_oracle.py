@@ -154,17 +154,6 @@ def as_user(uid: int) -> Iterator[None]:
 
 
 # -- one side's view of the example tree ---------------------------------------------------------
-CLOCK_REALTIME_COARSE = 5  # Linux: the clock the kernel stamps inode times with
-
-
-def next_tick(metas: dict[str, Meta | str]) -> None:
-    """Wait until the kernel's coarse clock is past every mtime and ctime in ``metas``
-    (see ``Oracle._normalise``): a change made now then shows as one."""
-    latest = max((max(m.times[1:]) for m in metas.values() if isinstance(m, Meta)), default=0)
-    while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= latest:
-        time.sleep(0.0005)
-
-
 @dataclass(frozen=True)
 class Meta:
     """What POSIX defines of an inode, plus what is needed to tell changes apart."""
@@ -253,7 +242,6 @@ class Oracle(RuleBasedStateMachine):
         assert self.dirs is not None
         if self.before is None:
             self.before = (snapshot_meta(self.dirs[0]), snapshot_meta(self.dirs[1]))
-            next_tick(self.before[0])
         self.calls.append(what)
         fu = call(lambda: op(0))
         ext = call(lambda: op(1))
@@ -278,7 +266,6 @@ class Oracle(RuleBasedStateMachine):
         assert self.dirs is not None
         if self.before is None:
             self.before = (snapshot_meta(self.dirs[0]), snapshot_meta(self.dirs[1]))
-            next_tick(self.before[0])
         fu = call(lambda: op(0))
         looked = call(lambda: os.lstat(self.p(1, path)))
         allowed: set[Outcome] = {("err", EOPNOTSUPP)}
@@ -327,13 +314,6 @@ class Oracle(RuleBasedStateMachine):
           filesystem's own cookies (ext4 seeks to a hash-order end near 2**63 for
           SEEK_END, after which a read fails with EINVAL instead of EISDIR); POSIX
           leaves them unspecified (``lseek``).
-        - timestamp granularity: with the writeback cache (off by default, and in
-          this test; a mount's ``--writeback-cache``) the kernel keeps a regular
-          file's mtime and ctime itself and stamps them with its coarse clock (one
-          tick, 1-4 ms; FUSE has no fine-grained timestamps, ext4 has since Linux
-          6.13), so two changes within one tick leave the time equal. POSIX leaves
-          the resolution to the implementation; ``next_tick`` starts each step in a
-          tick later than every time the step can compare with (docs/posix.md).
         - POSIX ACL names: fusedrive refuses them on purpose; ``acl_both`` says
           what a kernel filesystem without ACLs answers instead.
         """
