@@ -232,12 +232,18 @@ def parse_code(text: str) -> tuple[str, Path]:
 
 
 def start_fusedrive(
-    store: Path, volume: str, mountpoint: Path, logfile: Path, code: Path = REPO
+    store: Path,
+    volume: str,
+    mountpoint: Path,
+    logfile: Path,
+    code: Path = REPO,
+    extra: Sequence[str] = (),
 ) -> Daemon:
     """A daemon of the fusedrive in the tree ``code`` (this one by default; ``python -m``
-    imports from the working directory first, so the daemon runs in ``code``)."""
+    imports from the working directory first, so the daemon runs in ``code``), with
+    ``extra`` daemon options."""
     argv = [code_python(code), "-m", "fusedrive.fuse_adapter", str(store), str(mountpoint)]
-    return Daemon("fusedrive", [*argv, "--volume", volume], mountpoint, logfile, cwd=code)
+    return Daemon("fusedrive", [*argv, "--volume", volume, *extra], mountpoint, logfile, cwd=code)
 
 
 def start_memfs(mountpoint: Path, logfile: Path) -> Daemon:

@@ -231,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="log every FUSE request")
     p.add_argument(
+        "--writeback-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let the kernel cache writes and send them later (default: off; snapshots "
+        "of the mount may then miss recent writes; block volumes refuse it; docs/datapath.md)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=60.0,

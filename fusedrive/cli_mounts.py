@@ -103,6 +103,7 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
             debug=args.debug,
             ready_fd=args.ready_fd,
             on_ready=tell,
+            writeback_cache=args.writeback_cache,
         )
         return EXIT_OK
     child = ["--store", str(store_path)] + ["-v"] * (getattr(args, "verbose", 0) or 0)
@@ -114,6 +115,8 @@ def cmd_mount(args: argparse.Namespace, out: Output) -> int:
         child.append("--no-allow-other")
     if args.debug:
         child.append("--debug")
+    if args.writeback_cache is not None:
+        child.append("--writeback-cache" if args.writeback_cache else "--no-writeback-cache")
     child += ["--", args.name, str(target)]  # a name may start with '-'
     try:
         pid, logfile = spawn(child, target, args.timeout)

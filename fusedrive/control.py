@@ -5,7 +5,12 @@ serving ``mountpoint`` has committed every write that returned before the call
 (so a snapshot cut right after holds them all), and has picked up a change of the
 volume's capacity (a block volume's image grows with it) and compression level.
 
-Mechanism: ``setxattr(mountpoint, "trusted.fusedrive.flush", b"1")``. The kernel
+Mechanism: first ``syncfs(2)`` on the mount, which makes the kernel write back the
+pages it holds dirty (a mount with the writeback cache, docs/datapath.md: writes
+that returned may not have reached the daemon yet) and the times it keeps for them
+(a write back that failed earlier, which the kernel reports to syncfs once, is
+logged: the file's own fsync and close report it, and no page is left to store);
+then ``setxattr(mountpoint, "trusted.fusedrive.flush", b"1")``. The kernel
 passes it to the daemon as a setxattr request on the root inode, which the daemon
 answers only after the flush has committed; the attribute is never stored. The
 ``trusted.`` namespace needs CAP_SYS_ADMIN, so pods cannot use it to make the
@@ -21,7 +26,10 @@ the kernel's mount table (``find_mount``).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import logging
 import os
 import re
@@ -75,6 +83,37 @@ def device_mounted(device: str) -> bool:
         return any(line.split(" ", 3)[2] == device for line in f)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class WriteBackFailed(OSError):
+    """syncfs(2) reported a page the kernel could not write back (ENOSPC, EIO).
+
+    The kernel reports such a failure to the file's next fsync and close, and once
+    to a syncfs of the file system; it does not keep the page dirty, so nothing is
+    left for a later flush to store.
+    """
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """syncfs(2) the file system holding ``path``.
+
+    For a fusedrive mount with the writeback cache this sends the daemon every dirty
+    page and the times the kernel kept for them. ``OSError`` if ``path`` cannot be
+    opened (ENOTCONN: the daemon is gone), ``WriteBackFailed`` if a write back
+    failed since the last syncfs. Python's ``os`` has no syncfs.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc().syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise WriteBackFailed(err, f"syncfs of {os.fspath(path)}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def request_flush(mountpoint: Path) -> None:
     """Make the fusedrive mount at ``mountpoint`` commit its buffered writes.
 
@@ -88,6 +127,11 @@ def request_flush(mountpoint: Path) -> None:
     if fstype != FSTYPE:
         raise OSError(errno.ENOENT, f"{mp} is not a fusedrive mount (found {fstype or 'no mount'})")
     try:
+        try:
+            syncfs(mp)
+        except WriteBackFailed as exc:
+            # Reported to the files' own fsync and close; nothing is left to store.
+            log.warning("event=write_back_failed_earlier mountpoint=%s error=%s", mp, exc)
         os.setxattr(mp, FLUSH_XATTR, b"1")
     except OSError as exc:
         if exc.errno == errno.EROFS:

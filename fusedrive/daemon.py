@@ -312,6 +312,7 @@ def serve_recorded(
     debug: bool = False,
     ready_fd: int | None = None,
     on_ready: Callable[[], None] | None = None,
+    writeback_cache: bool | None = None,
 ) -> None:
     """Serve the mount in this process until it is unmounted, recorded while it is live."""
     if ready_fd is not None:
@@ -358,6 +359,7 @@ def serve_recorded(
             allow_other=allow_other,
             on_ready=ready,
             debug=debug,
+            writeback_cache=writeback_cache,
         )
     except DataNotStored as exc:
         report = {"pid": me, "errno": exc.errno, "error": str(exc), "time": time.time()}

@@ -119,6 +119,11 @@ class Flusher:
         self.lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self._background = False
+        # A flush holds the lock. Not ``lock.locked()``: the tasks in ``wait_idle`` hold
+        # it in turn too, and writers that took that for a flush running would wait for
+        # each other forever with full buffers and no flush (seen with the writeback
+        # cache, whose write back sends several writes at once).
+        self.flushing = False
         # Set while a flush asked for from outside (``flush_requested``) runs: writes wait
         # for it to end, then go on (an Event each; a later request replaces it).
         self.hold: trio.Event | None = None
@@ -162,48 +167,56 @@ class Flusher:
         # anything changed since the last freeze, else the last one frozen.
         need = self._frozen + (1 if fs.data.live or fs.dirty or fs.sb_dirty else 0)
         async with self.lock:
-            # A failed job waiting for its retry (whoever froze it) goes first, whatever
-            # ``need`` says: a flush never returns while changes it could owe are unstored.
-            while self._committed < need or self.fs.data.inflight is not None:
-                retry = self.fs.data.inflight is not None
-                tb = time.perf_counter()
-                try:
-                    job = self.fs.begin_flush()
-                except Exception as exc:
-                    raise failure(exc) from exc
-                if job is None:
-                    self.failure = None  # nothing is left unstored
-                    return
-                if not retry:
-                    self._frozen += 1
-                    job.seq = self._frozen
-                try:
-                    t0 = time.perf_counter()
-                    if job.chunks:
-                        await trio.to_thread.run_sync(self._prepare, job)
-                    t1 = time.perf_counter()
-                    deltas = await trio.to_thread.run_sync(self._commit, job)
-                    if log.isEnabledFor(logging.DEBUG):
-                        self._log_flushed(job, t0 - tb, t1 - t0, time.perf_counter() - t1)
-                except BaseException as exc:
-                    self.fs.finish_flush(job, None)
-                    if not isinstance(exc, Exception):
-                        raise  # cancelled: the job stays buffered for the next flush
-                    self.failure = failure(exc)
-                    log.error(
-                        "event=flush_failed errno=%s buffered_bytes=%d error=%s",
-                        errno.errorcode.get(self.failure.errno, self.failure.errno),
-                        self.fs.data.pending_bytes(),
-                        self.failure,
-                    )
-                    raise self.failure from exc
-                self.failure = None
-                self._committed = max(self._committed, job.seq)
-                try:
-                    self.fs.finish_flush(job, deltas)
-                except Exception as exc:  # committed; only the bookkeeping after it failed
-                    raise failure(exc) from exc
-                self._stored(list(job.layer.files))
+            self.flushing = True
+            try:
+                await self._flush_locked(need)
+            finally:
+                self.flushing = False
+
+    async def _flush_locked(self, need: int) -> None:
+        """``flush`` with the lock held: commit jobs until job ``need`` is committed."""
+        # A failed job waiting for its retry (whoever froze it) goes first, whatever
+        # ``need`` says: a flush never returns while changes it could owe are unstored.
+        while self._committed < need or self.fs.data.inflight is not None:
+            retry = self.fs.data.inflight is not None
+            tb = time.perf_counter()
+            try:
+                job = self.fs.begin_flush()
+            except Exception as exc:
+                raise failure(exc) from exc
+            if job is None:
+                self.failure = None  # nothing is left unstored
+                return
+            if not retry:
+                self._frozen += 1
+                job.seq = self._frozen
+            try:
+                t0 = time.perf_counter()
+                if job.chunks:
+                    await trio.to_thread.run_sync(self._prepare, job)
+                t1 = time.perf_counter()
+                deltas = await trio.to_thread.run_sync(self._commit, job)
+                if log.isEnabledFor(logging.DEBUG):
+                    self._log_flushed(job, t0 - tb, t1 - t0, time.perf_counter() - t1)
+            except BaseException as exc:
+                self.fs.finish_flush(job, None)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the job stays buffered for the next flush
+                self.failure = failure(exc)
+                log.error(
+                    "event=flush_failed errno=%s buffered_bytes=%d error=%s",
+                    errno.errorcode.get(self.failure.errno, self.failure.errno),
+                    self.fs.data.pending_bytes(),
+                    self.failure,
+                )
+                raise self.failure from exc
+            self.failure = None
+            self._committed = max(self._committed, job.seq)
+            try:
+                self.fs.finish_flush(job, deltas)
+            except Exception as exc:  # committed; only the bookkeeping after it failed
+                raise failure(exc) from exc
+            self._stored(list(job.layer.files))
 
     def _log_flushed(self, job: FlushJob, begin: float, prepare: float, commit: float) -> None:
         c = self.fs.store.last_commit
@@ -261,7 +274,7 @@ class Flusher:
         While a flush is committing, the writer only waits for it: the next one
         starts in the background, so commits and new writes overlap.
         """
-        if not space and self.lock.locked():
+        if not space and self.flushing:
             await self.wait_idle()
         else:
             await self.flush()
@@ -277,7 +290,7 @@ class Flusher:
         if (
             self.nursery is not None
             and not self._background
-            and not self.lock.locked()
+            and not self.flushing
             and data.live.dirty_bytes >= data.flush_threshold
         ):
             self._background = True
@@ -311,7 +324,7 @@ class Flusher:
     ) -> tuple[tuple[int, ...] | None, float]:
         """One turn of ``run_timer``: returns the next (mark, due)."""
         await trio.sleep(IDLE_FLUSH)
-        if not self.fs.has_pending() or self.lock.locked():
+        if not self.fs.has_pending() or self.flushing:
             return None, trio.current_time() + FLUSH_INTERVAL
         now = self._change_mark()
         # A failed commit is retried at the interval only: it may keep failing.

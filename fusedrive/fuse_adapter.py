@@ -37,10 +37,15 @@ handed out by readdir (READDIRPLUS) keep ``SHARED``: while they are valid, the
 kernel (6.18, measured) does not apply an invalidation to them. A read-only mount
 of a volume may have a writer elsewhere: it keeps ``SHARED`` (1 s, as before).
 
-Kernel options: writeback caching is off (every write reaches the daemon before
-write(2) returns, and O_APPEND offsets come from the kernel's i_size, which the
-daemon keeps exact); mounts use default_permissions (the kernel checks modes),
-nosuid, nodev, allow_other unless asked otherwise, and ro for read-only mounts.
+Kernel options: the writeback cache is off unless a read-write mount of a filesystem
+volume asks for it (``writeback_default``, ``writeback_cache``): then the kernel keeps writes
+in its page cache and owns a regular file's size, mtime and ctime (sent as SETATTR),
+appends itself (handles lose O_APPEND here, ``Operations._open_flags``), and writes
+pages back later; ``control.request_flush`` syncfs's the mount before its flush, and
+SIGTERM does too before the loop stops (``_write_back``). docs/datapath.md says
+what changes, and why it is off. Mounts use
+default_permissions (the kernel checks modes), nosuid, nodev, allow_other unless
+asked otherwise, and ro for read-only mounts.
 libfuse 3.14 asks the kernel for 1 MiB writes by default (its buffer is
 FUSE_MAX_MAX_PAGES = 256 pages), and it accepts no max_write option on
 ``fuse_session_new``; the test suite checks that 1 MiB writes arrive whole.
@@ -73,7 +78,7 @@ import trio
 from blockstore import Busy, InvalidArgument, StoreError
 from blockstore import Store as _Store
 
-from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount
+from .control import FLUSH_XATTR_BYTES, device_mounted, find_mount, syncfs
 from .errors import DataNotStored, FlushNeeded, FsError, failure, translate
 from .fetcher import Fetcher
 from .filesystem import Filesystem, StatFs
@@ -134,7 +139,7 @@ class _fuse_errors:  # lower case: it reads like a function, ``with _fuse_errors
         raise pyfuse3.FUSEError(errno.EIO) from None
 
 
-def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
+def _file_info(fh: int, flags: int, writeback: bool) -> pyfuse3.FileInfo:
     """How the kernel should treat an open file.
 
     O_DIRECT opens get FUSE direct I/O: the caller asked to bypass the page cache,
@@ -147,8 +152,11 @@ def _file_info(fh: int, flags: int) -> pyfuse3.FileInfo:
     rule for direct I/O). Other opens keep the page cache across opens: this
     process is the only writer.
     """
-    if flags & os.O_DIRECT:
+    if flags & os.O_DIRECT and not writeback:
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
+    # With the writeback cache, O_DIRECT takes the kernel's own direct I/O path, which
+    # writes the range's dirty pages back before it reads or writes: FUSE direct I/O
+    # does not, and read the daemon's older bytes and size (found by test_fsx).
     return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
 
@@ -198,10 +206,14 @@ class Operations(pyfuse3.Operations):
     # ``system.posix_acl_*`` names with EOPNOTSUPP, so tools fall back to chmod.
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, timeouts: CacheTimeouts = CACHED) -> None:
+    def __init__(
+        self, fs: Filesystem, timeouts: CacheTimeouts = CACHED, *, writeback: bool = False
+    ) -> None:
         super().__init__()
         self.fs = fs
         self.timeouts = timeouts
+        # pyfuse3 reads this attribute when it answers INIT: per mount, not per class.
+        self.enable_writeback_cache = writeback
         # Readdir answers keep at most SHARED: while attributes from a READDIRPLUS
         # reply are valid, an invalidation does not reach them (measured, Linux 6.18).
         self.readdir_timeouts = CacheTimeouts(*map(min, zip(timeouts, SHARED, strict=True)))
@@ -328,16 +340,29 @@ class Operations(pyfuse3.Operations):
             return _entry(self.fs.link(inode, new_parent_inode, new_name), self.timeouts)
 
     # -- files ---------------------------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        """With the writeback cache, the kernel appends (O_APPEND) itself.
+
+        It sends every write, appends included, at the offset its own i_size gave,
+        and writes pages back through any writable handle of the inode: a handle
+        that appended at the daemon's end of file would put a page written back
+        through it at the wrong place.
+        """
+        return flags & ~os.O_APPEND if self.enable_writeback_cache else flags
+
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         with _fuse_errors("open"):
-            return _file_info(self.fs.open(inode, flags), flags)
+            fh = self.fs.open(inode, self._open_flags(flags))
+            return _file_info(fh, flags, self.enable_writeback_cache)
 
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with _fuse_errors("create"):
-            fh, a = self.fs.create(parent_inode, name, mode, flags, Ctx(ctx.uid, ctx.gid))
-            return _file_info(fh, flags), _entry(a, self.timeouts)
+            fh, a = self.fs.create(
+                parent_inode, name, mode, self._open_flags(flags), Ctx(ctx.uid, ctx.gid)
+            )
+            return _file_info(fh, flags, self.enable_writeback_cache), _entry(a, self.timeouts)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         with _fuse_errors("read"):
@@ -553,6 +578,22 @@ async def _stop_when_unmounted(device: str) -> None:
                 return
 
 
+async def _write_back(ops: Operations) -> None:
+    """Have the kernel send its dirty pages before the daemon stops serving.
+
+    Only a SIGTERM / SIGINT needs this: an unmount writes them back itself while the
+    daemon still serves, but once ``pyfuse3.terminate`` ends the loop, the session
+    closes and the kernel drops what it still holds (libfuse closes /dev/fuse before
+    it unmounts). A thread: the write back comes to this daemon, whose loop must run.
+    """
+    if not ops.enable_writeback_cache or ops.mount_path is None:
+        return
+    try:
+        await trio.to_thread.run_sync(syncfs, ops.mount_path)
+    except OSError as exc:  # the final flush still stores what did arrive
+        log.error("event=write_back_failed error=%s", exc)
+
+
 async def _serve_loop(
     ops: Operations, on_ready: Callable[[], None] | None, device: str | None
 ) -> None:
@@ -564,6 +605,7 @@ async def _serve_loop(
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("event=signal signal=%s", signal.Signals(signum).name)
+                await _write_back(ops)
                 pyfuse3.terminate()
                 return
 
@@ -593,6 +635,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     debug: bool = False,
     cache: CacheTimeouts | None = None,
+    writeback_cache: bool | None = None,
 ) -> None:
     """Mount a volume (or, read-only, a snapshot) and serve it until it is unmounted.
 
@@ -605,7 +648,8 @@ def serve(
     daemon unmounts itself); either way every buffered write is flushed first and
     the store is closed on return. ``cache`` overrides how long the kernel keeps
     entries and attributes (default: ``CACHED``, or ``SHARED`` for a read-only mount
-    of a volume).
+    of a volume). ``writeback_cache`` turns the kernel's writeback cache on or off
+    (default: ``writeback_default``); a block volume refuses it (``InvalidArgument``).
     """
     if (volume is None) == (snapshot is None):
         raise InvalidArgument("give exactly one of a volume or a snapshot to mount")
@@ -625,9 +669,40 @@ def serve(
             cache = SHARED if read_only and snapshot is None else CACHED
         with lock:
             fs = Filesystem(view, read_only=read_only)
-            _serve_fs(fs, mountpoint, name, read_only, allow_other, on_ready, debug, cache)
+            try:
+                writeback = _choose_writeback(fs, writeback_cache)
+            except InvalidArgument:
+                fs.close()
+                raise
+            _serve_fs(
+                fs, mountpoint, name, read_only, allow_other, on_ready, debug, cache, writeback
+            )
     finally:
         store.close()
+
+
+def writeback_default(fs: Filesystem) -> bool:
+    """Off (docs/datapath.md, "Kernel writeback cache"): a mount may opt in.
+
+    syncfs(2) on a FUSE mount does not wait for the write back requests it starts
+    to reach the daemon, so a snapshot cut after ``request_flush`` could miss writes
+    that returned before it (found by tests/fusedrive/test_snapshot_writer.py).
+    Block volumes refuse it (``_choose_writeback``): the kernel keeps a cached
+    regular file's size to itself, so a disk image grown by an expansion
+    (``Filesystem.refresh``) would keep its old size for the loop device.
+    """
+    return False
+
+
+def _choose_writeback(fs: Filesystem, asked: bool | None) -> bool:
+    if asked is None or fs.read_only:
+        return writeback_default(fs)
+    if asked and fs.block_mode:
+        raise InvalidArgument(
+            "a block volume cannot use the writeback cache: the kernel would keep its "
+            "disk image at the old size after an expansion"
+        )
+    return asked
 
 
 def _keep_freed_memory() -> None:
@@ -683,9 +758,10 @@ def _serve_fs(
     on_ready: Callable[[], None] | None,
     debug: bool,
     cache: CacheTimeouts,
+    writeback: bool,
 ) -> None:
     _keep_freed_memory()
-    ops = Operations(fs, cache)
+    ops = Operations(fs, cache, writeback=writeback)
     ops.mount_path = os.path.realpath(mountpoint)  # now: once mounted, lstat asks the daemon
     opts = mount_options(name, read_only=read_only, allow_other=allow_other, debug=debug)
     fallocate_shim.serve(ops.fallocate_request)
@@ -697,7 +773,13 @@ def _serve_fs(
         finally:
             ops.flusher.close()
         raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from exc
-    log.info("event=mounted name=%s mountpoint=%s read_only=%s", name, mountpoint, read_only)
+    log.info(
+        "event=mounted name=%s mountpoint=%s read_only=%s writeback_cache=%s",
+        name,
+        mountpoint,
+        read_only,
+        writeback,
+    )
     if (why := fallocate_shim.problem()) is not None:
         log.warning("event=fallocate_not_served reason=%r (fallocate fails with EOPNOTSUPP)", why)
     entry = find_mount(ops.mount_path)
@@ -784,6 +866,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="seconds the kernel keeps entries and attributes (benchmarks; default: docs)",
     )
+    p.add_argument(
+        "--writeback-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the kernel's writeback cache (default: off; docs/datapath.md)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -809,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
             cache=None
             if args.cache_timeout is None
             else CacheTimeouts(args.cache_timeout, args.cache_timeout),
+            writeback_cache=args.writeback_cache,
         )
     except (StoreError, OSError) as exc:
         print(f"fusedrive: {exc}", file=sys.stderr)

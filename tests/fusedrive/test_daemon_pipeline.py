@@ -101,9 +101,9 @@ def test_a_chunk_changed_after_its_snapshot_is_prepared_again(make_vol: Callable
     want += fs.read(fh, 3 * CS, CS)
     fs.release(fh)
     fs.flush()
-    assert read_all(fs, ino) == bytes(want)
+    assert read_all(fs, ino) == want
     fs = vol.reopen()
-    assert read_all(fs, ino) == bytes(want)
+    assert read_all(fs, ino) == want
     assert fsck(vol.store).clean
 
 
@@ -256,3 +256,46 @@ def test_cold_sequential_reads_see_every_write(fuse_mounts: FuseMounts) -> None:
     fuse_mounts.unmount(mnt)
     with Store(fuse_mounts.store) as s:
         assert fsck(s).clean
+
+
+def test_concurrent_writers_at_full_buffers_get_a_flush(store_dir: Path) -> None:
+    """Several writes at once finding the dirty buffers full (what the writeback
+    cache's write back sends) must make a flush happen, not wait for each other.
+
+    Before ``Flusher.flushing``, a writer took the lock held by another writer's
+    ``wait_idle`` for a flush running, waited its turn instead of flushing, and the
+    writers handed the lock around forever (a daemon seen spinning for minutes).
+    The deadline only bounds a hang; nothing here is a timing measure.
+    """
+    import trio
+
+    from fusedrive.fuse_adapter import Operations
+
+    with Store(store_dir) as store:
+        store.create_volume("v", 64 * MiB, parameters={"chunk_size": str(CS)})
+        fs = Filesystem(store.volume("v"), dirty_limit=16 * KiB, cache_limit=32 * KiB)
+        ops = Operations(fs)
+        try:
+            fh, _ = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR, Ctx(0, 0))
+            want = random.Random(7).randbytes(512 * KiB)
+
+            async def writer(first: int) -> None:
+                for off in range(first * 4 * KiB, len(want), 8 * 4 * KiB):
+                    await ops.write(fh, off, want[off : off + 4 * KiB])
+
+            async def main() -> None:
+                with trio.fail_after(120):
+                    async with trio.open_nursery() as nursery:
+                        for first in range(8):
+                            nursery.start_soon(writer, first)
+
+            trio.run(main)
+            fs.release(fh)
+            fs.close()
+        finally:
+            ops.flusher.close()
+        fs2 = Filesystem(store.volume("v"))
+        ino = fs2.lookup(ROOT_INO, b"f").ino
+        fh2 = fs2.open(ino, os.O_RDONLY)
+        assert fs2.read(fh2, 0, len(want)) == want
+        fs2.close()

@@ -234,6 +234,7 @@ class Oracle(RuleBasedStateMachine):
         self.before: tuple[dict[str, Meta | str], dict[str, Meta | str]] | None = None
         self.atime_matters = False
         self.times_matter = True
+        self.calls: list[str] = []  # the calls of this step (failure messages)
 
     # -- running one call on both sides ------------------------------------------------------
     def both(self, what: str, op: Callable[[int], object]) -> Outcome:
@@ -241,6 +242,7 @@ class Oracle(RuleBasedStateMachine):
         assert self.dirs is not None
         if self.before is None:
             self.before = (snapshot_meta(self.dirs[0]), snapshot_meta(self.dirs[1]))
+        self.calls.append(what)
         fu = call(lambda: op(0))
         ext = call(lambda: op(1))
         fu = self._normalise(what, fu, ext)
@@ -377,7 +379,7 @@ class Oracle(RuleBasedStateMachine):
                         problems.append(
                             f"/{rel}: {label} changed: fusedrive {changed[0]}, ext4 {changed[1]}"
                         )
-        assert not problems, "\n".join(problems)
+        assert not problems, "\n".join([*problems, f"after: {'; '.join(self.calls)}"])
         bodies = (
             describe_contents(self.dirs[0], metas[0]),
             describe_contents(self.dirs[1], metas[1]),
@@ -396,6 +398,7 @@ class Oracle(RuleBasedStateMachine):
         self.before = None  # the next step snapshots afresh: the reads above moved atimes
         self.atime_matters = False
         self.times_matter = True
+        self.calls.clear()
 
     # -- names -------------------------------------------------------------------------------
     @rule(path=P, access=ACCESS, flags=OPEN_FLAGS, mode=FILE_MODES)
