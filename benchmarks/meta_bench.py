@@ -43,7 +43,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -64,6 +63,7 @@ from .fio_bench import (
     create_volume,
     work_directory,
 )
+from .trees import make_tree, tree_size
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "meta.json"
@@ -72,16 +72,7 @@ SETTLE = 1.2  # the daemon flushes IDLE_FLUSH (0.5 s) after changes stop, at a 0
 OPS = ("create", "stat", "chmod", "chown", "utime", "write100", "rename", "unlink")
 DIR_OPS = ("mkdir", "rmdir")
 TREE_STEPS = ("tar_x", "rsync")
-TREE_SEED = 18
 MiB = 1 << 20
-# (kind, share of the tree's bytes, smallest and largest file, files per directory):
-# mostly small files by count, most bytes in medium and large ones.
-TREE_MIX: tuple[tuple[str, float, int, int, int], ...] = (
-    ("small", 0.25, 256, 16 << 10, 100),
-    ("medium", 0.45, 64 << 10, 1 << 20, 20),
-    ("large", 0.30, 8 << 20, 8 << 20, 10),
-)
-_TEXT = b"fusedrive meta_bench: one line of text that compresses well, repeated\n"
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -183,51 +174,6 @@ def _rename_pair(pair: tuple[str, str]) -> None:
 
 
 # -- trees ---------------------------------------------------------------------------------------
-def make_tree(root: Path, total: int, seed: int = TREE_SEED) -> dict[str, int]:
-    """A deterministic tree of about ``total`` bytes under ``root`` (``TREE_MIX``).
-
-    Each file is half seeded random bytes, half repeated text; every tenth file is
-    executable; one mtime for everything (rsync and tar restore it).
-    """
-    rng = random.Random(seed)
-    files = dirs = size_sum = 0
-    for kind, share, lo, hi, per_dir in TREE_MIX:
-        budget = int(total * share)
-        n = 0
-        while budget > 0:
-            size = min(budget, rng.randint(lo, hi))
-            budget -= size
-            sub = n // per_dir
-            d = root / kind / f"d{sub // 10:02d}" / f"e{sub % 10}"
-            if n % per_dir == 0:
-                d.mkdir(parents=True, exist_ok=True)
-                dirs += 1
-            half = size // 2
-            text = _TEXT * (-(-(size - half) // len(_TEXT)))
-            p = d / f"f{n:05d}.dat"
-            p.write_bytes(rng.randbytes(half) + text[: size - half])
-            if n % 10 == 0:
-                p.chmod(0o755)
-            n += 1
-            files += 1
-            size_sum += size
-    stamp = 1_700_000_000
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
-        for name in (*filenames, *dirnames):
-            os.utime(os.path.join(dirpath, name), (stamp, stamp))
-    return {"files": files, "directories": dirs, "bytes": size_sum}
-
-
-def tree_count(root: Path) -> tuple[int, int]:
-    """(regular files, their bytes) under ``root``."""
-    files = size = 0
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            files += 1
-            size += os.lstat(os.path.join(dirpath, name)).st_size
-    return files, size
-
-
 def tree_trial(
     src: Path, tarball: Path, root: Path, expect: dict[str, int], cpu: Callable[[], float] | None
 ) -> dict[str, Any]:
@@ -244,7 +190,7 @@ def tree_trial(
         out[f"{step}_s"] = time.perf_counter() - t0
         if cpu:
             out[f"{step}_daemon_cpu_s"] = cpu() - c0
-        got = tree_count(dest / src.name if step == "tar_x" else dest)
+        got = tree_size(dest / src.name if step == "tar_x" else dest)
         if got != (expect["files"], expect["bytes"]):
             raise RuntimeError(f"{step} into {dest} gave {got} (files, bytes), not {expect}")
     t0 = time.perf_counter()
