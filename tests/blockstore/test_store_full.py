@@ -29,14 +29,14 @@ def small_store(tmp_path: Path) -> Iterator[Path]:
         yield fs / "store"
 
 
-def fill(store: Store, volume: str, batch: int = 4) -> dict[bytes, bytes]:
+def fill(store: Store, volume: str, batch: int = 4, prefix: str = "c") -> dict[bytes, bytes]:
     """Put incompressible chunks into ``volume`` until the store says NoSpace; returns
     what was stored (a batch is one transaction: all of it or none)."""
     view = store.volume(volume)
     stored: dict[bytes, bytes] = {}
     i = 0
     while True:
-        chunk = {f"c{i + j:06d}".encode(): os.urandom(CHUNK) for j in range(batch)}
+        chunk = {f"{prefix}{i + j:06d}".encode(): os.urandom(CHUNK) for j in range(batch)}
         try:
             with view.batch() as b:
                 for key, data in chunk.items():
@@ -78,6 +78,8 @@ def test_a_full_store_refuses_data_and_creates_keeps_its_reserve_and_recovers(
         s.create_volume("v", GiB)
         stored = fill(s, "ballast")
         assert len(stored) * CHUNK > 16 * MiB  # it did store a good part of the disk
+        # A batch of four was refused; up to three single chunks may still fit.
+        stored.update(fill(s, "ballast", batch=1, prefix="d"))
 
         # Full: new data is refused with NoSpace, and the reserve is still free.
         with pytest.raises(NoSpace, match="reserve"):
