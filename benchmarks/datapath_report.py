@@ -55,6 +55,11 @@ ROWS: tuple[tuple[str, str, str, str, str, float], ...] = (
     ("daemon_rss", "daemon memory", "daemon peak RSS (VmHWM)", "MiB", "lower", RSS_LIMIT_MIB),
 )
 GROUPS = tuple(dict.fromkeys(g for _, g, *_ in ROWS))
+# How to read the ratio column of ``table_lines``.
+RATIO_NOTE = (
+    "Ratio: fusedrive / plain, a speed ratio (goal >=) or, for times, a time ratio with an x "
+    "(goal <=); in parentheses the range of the per-trial ratios."
+)
 FIO_METRIC = {
     "seq_write": "bw_mibps",
     "seq_read": "bw_mibps",
@@ -133,7 +138,7 @@ def rows(raw: dict[str, Any]) -> list[dict[str, Any]]:
 # -- text ----------------------------------------------------------------------
 
 
-def _num(x: float | None, unit: str) -> str:
+def value_text(x: float | None, unit: str) -> str:
     if x is None:
         return "-"
     if unit == "s":
@@ -141,7 +146,7 @@ def _num(x: float | None, unit: str) -> str:
     return f"{x:,.0f} {unit}" if x >= 100 else f"{x:.3g} {unit}"
 
 
-def _ratio(row: dict[str, Any]) -> str:
+def ratio_text(row: dict[str, Any]) -> str:
     if row["ratio"] is None:
         return "-"
     r, spread = row["ratio"], row["trial_ratios"]
@@ -152,12 +157,27 @@ def _ratio(row: dict[str, Any]) -> str:
     return text
 
 
-def _goal(row: dict[str, Any]) -> str:
+def goal_text(row: dict[str, Any]) -> str:
     if row["id"] == "daemon_rss":
         return f"<= {row['limit']:g} MiB"
     if row["better"] == "lower":
         return f"<= {row['limit']:g}x"
     return f">= {row['limit']:g}"
+
+
+def table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The table in markdown: one line per row, as in DATAPATH.md (and REPORT.md)."""
+    lines = [
+        "| row | fusedrive | plain | ratio | goal | met |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        met = "met" if r["met"] else "**missed**"
+        lines.append(
+            f"| {r['name']} | {value_text(r['fusedrive'], r['unit'])} | "
+            f"{value_text(r['plain'], r['unit'])} | {ratio_text(r)} | {goal_text(r)} | {met} |"
+        )
+    return lines
 
 
 def _load_range(items: list[dict[str, Any]]) -> str:
@@ -207,20 +227,13 @@ def markdown(results: dict[str, Any], source: Path) -> str:
         "",
         "Each number is the median of its trials, the targets taking turns in every trial "
         f"(trials: PostgreSQL {cfg['pg']['rounds']}; fio, small files and block "
-        f"{cfg['fio']['trials']}; SQLite and trees {cfg['trials']}; memory 1). Ratio: "
-        "fusedrive / plain, a speed ratio (goal >=) or, for times, a time ratio with an x "
-        "(goal <=); in parentheses the range of the per-trial ratios.",
+        f"{cfg['fio']['trials']}; SQLite and trees {cfg['trials']}; memory 1). " + RATIO_NOTE,
         "",
-        "| row | fusedrive | plain | ratio | goal | met |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *table_lines(results["rows"]),
+        "",
+        "## Notes",
+        "",
     ]
-    for r in results["rows"]:
-        met = "met" if r["met"] else "**missed**"
-        lines.append(
-            f"| {r['name']} | {_num(r['fusedrive'], r['unit'])} | {_num(r['plain'], r['unit'])} "
-            f"| {_ratio(r)} | {_goal(r)} | {met} |"
-        )
-    lines += ["", "## Notes", ""]
     block = [r for r in results["rows"] if r["group"] == "block volume"]
     lines.append(
         "- Block volume against the plain directory's fio numbers of the same run (no goal): "
@@ -286,10 +299,10 @@ def print_summary(results: dict[str, Any], console: Console) -> None:
     for r in results["rows"]:
         table.add_row(
             r["name"],
-            _num(r["fusedrive"], r["unit"]),
-            _num(r["plain"], r["unit"]),
-            _ratio(r),
-            _goal(r),
+            value_text(r["fusedrive"], r["unit"]),
+            value_text(r["plain"], r["unit"]),
+            ratio_text(r),
+            goal_text(r),
             "[green]met[/]" if r["met"] else "[red]MISSED[/]",
         )
     console.print(table)
@@ -345,7 +358,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.axhline(1.0, color="gray", linewidth=0.8, label="plain directory")
         for x, r, p in zip(xs, mine, per, strict=True):
             top = max(p)  # above the whisker
-            ax.annotate(_ratio(r).split(" ")[0], (x, top), ha="center", va="bottom", fontsize=8)
+            ax.annotate(ratio_text(r).split(" ")[0], (x, top), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(xs, labels, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("fusedrive speed / plain")
         ax.set_title(group, fontsize=10)
