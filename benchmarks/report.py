@@ -1,9 +1,12 @@
 """``REPORT.md`` and its plots, from the latest results of every benchmark.
 
 Reads ``csi.json`` (``csi_bench``: snapshots, restores and clones against the
-baselines, busy volume, lineage, scale, space) and, when present beside it,
-``fio.json`` (``fio_bench``) and ``store.json`` (``store_bench``). Owns the targets of
-issue 19 and how they are judged; it measures nothing. Order of the report: the
+baselines, busy volume, lineage, scale, space) and, when present in the results
+directory, ``datapath.json`` (``datapath_bench``: issue 18's data-path table, shown with
+``datapath_report``'s own rows and formatting), ``fio.json`` (``fio_bench``: shown only
+when it is newer than ``datapath.json``, whose fio rows run the same jobs) and
+``store.json`` (``store_bench``). Owns the targets of issue 19 and how they are judged;
+it measures nothing. Order of the report: the
 headline table and the targets first, then the plots, then the other sections and
 the method, so that a reader who stops after the first screen knows how we compare.
 
@@ -16,10 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import datapath_report
 from .store_report import target
 
 log = logging.getLogger(__name__)
@@ -527,6 +533,59 @@ def fio_lines(fio: dict[str, Any]) -> list[str]:
     return lines
 
 
+def run_date(results: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(results["machine"]["date"])
+
+
+def goals_met(datapath: dict[str, Any]) -> tuple[int, int]:
+    """(goals met, rows) of a ``datapath.json``."""
+    return len(datapath["rows"]) - len(datapath["missed"]), len(datapath["rows"])
+
+
+def datapath_lines(datapath: dict[str, Any], notes: Path | None) -> list[str]:
+    """Issue 18's table as DATAPATH.md has it; ``notes`` is DATAPATH.md's path relative
+    to the report, if it exists."""
+    m = datapath["machine"]
+    met, total = goals_met(datapath)
+    return [
+        f"From `datapath.json` ({datapath['mode']} run of {m['date']}, load avg "
+        f"{m['loadavg_start'][0]:.1f} at start, {m['loadavg_end'][0]:.1f} at end, fusedrive "
+        f"`{datapath['versions']['fusedrive_commit']}`; `make bench-datapath`): fusedrive "
+        "against a plain directory on the same disk in one run (block rows: ext4 on a loop "
+        "device over a fusedrive block volume's image against one over a plain image file); "
+        f"**{met} of {total} goals met**."
+        + (
+            f" How each row is measured, its trials and the load per group: [DATAPATH.md]({notes})."
+            if notes
+            else ""
+        ),
+        "",
+        datapath_report.RATIO_NOTE,
+        "",
+        *datapath_report.table_lines(datapath["rows"]),
+    ]
+
+
+def file_io_lines(
+    datapath: dict[str, Any] | None, fio: dict[str, Any] | None, notes: Path | None
+) -> list[str]:
+    """The data-path table; ``fio.json``'s table only if that run is the newer one."""
+    if datapath is None:
+        return fio_lines(fio) if fio else ["`fio.json` is missing: run `make bench-fio`."]
+    lines = datapath_lines(datapath, notes)
+    if fio is None:
+        return lines
+    if run_date(fio) > run_date(datapath):
+        return [*lines, "", "### A newer fio_bench run", "", *fio_lines(fio)]
+    return [
+        *lines,
+        "",
+        f"`fio.json` ({fio['mode']} fio_bench run of {fio['machine']['date']}) is older and not "
+        "shown: the fio and small-files rows above measure its jobs again (fio_bench's job "
+        "definitions); its memfs column (the Python FUSE ceiling) is only in that file.",
+    ]
+
+
 def store_lines(store: dict[str, Any]) -> list[str]:
     m = store["machine"]
     missed = store.get("missed", [])
@@ -605,6 +664,8 @@ def write_report(results_dir: Path, csi_path: Path, out: Path) -> dict[str, Any]
     if csi is None:
         raise FileNotFoundError(f"{csi_path} is missing: run `make bench` first")
     fio = load_json(results_dir / "fio.json")
+    datapath = load_json(results_dir / "datapath.json")
+    notes_md = results_dir / "DATAPATH.md"
     store = load_json(results_dir / "store.json")
     targets = evaluate_targets(csi)
     missed = [t for t in targets if not t["pass"]]
@@ -671,6 +732,17 @@ def write_report(results_dir: Path, csi_path: Path, out: Path) -> dict[str, Any]
             for t in missed
         ],
         "",
+    ]
+    if datapath:
+        met, total = goals_met(datapath)
+        groups = ", ".join(dict.fromkeys(r["group"] for r in datapath["rows"]))
+        lines += [
+            "Beside these targets, the data path against a plain directory ("
+            f"{groups}; `datapath.json`, run of {datapath['machine']['date']}) met "
+            f"**{met} of {total} goals**: see [File I/O](#file-io).",
+            "",
+        ]
+    lines += [
         "## Snapshot, restore and clone (median, min-max, repetitions; x = baseline / fusedrive)",
         "",
         *headline(csi),
@@ -702,8 +774,8 @@ def write_report(results_dir: Path, csi_path: Path, out: Path) -> dict[str, Any]
         lines += ["## Scale: 10 to 1,000 objects in one store", "", *scale_lines(csi["scale"]), ""]
     if "space" in csi:
         lines += ["## Dedup and compression", "", *space_lines(csi["space"]), ""]
-    lines += ["## File I/O (fio)", ""]
-    lines += fio_lines(fio) if fio else ["`fio.json` is missing: run `make bench-fio`."]
+    notes = Path(os.path.relpath(notes_md, out.parent)) if notes_md.exists() else None
+    lines += ["## File I/O", "", *file_io_lines(datapath, fio, notes)]
     lines += ["", "## The store alone", ""]
     lines += store_lines(store) if store else ["`store.json` is missing."]
     lines += ["", "## Method", "", *method_lines(csi), ""]
@@ -721,7 +793,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--csi", type=Path, default=RESULTS / "csi.json", help="csi_bench results")
     parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="directory with fio.json and store.json"
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="directory with datapath.json, fio.json and store.json",
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "REPORT.md", help="report file")
     args = parser.parse_args(argv)
