@@ -37,6 +37,9 @@ baseline runs in the same run, on the same disk, on the same data:
    and DeleteVolume with 10, 100 and 1,000 objects in the store.
 5. ``space``: the same random data written into two volumes, and text-like data into
    a third: the store's physical growth (allocated bytes) against the logical bytes.
+6. ``floor``: what bounds one operation here: a CSI round trip (``Probe``), one
+   durable LMDB commit on the disk under test, and a flush request to an idle staged
+   volume (``measure_floor``).
 
 Invariants: every plugin process, FUSE mount, loop device, btrfs mount and the work
 directory are released even on failure (``contextlib.ExitStack``, the demo's
@@ -62,6 +65,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import lmdb
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 
@@ -114,6 +118,7 @@ class Config:
     scale_counts: tuple[int, ...] = (10, 100, 1000)
     space_bytes: int = 1 * GiB
     btrfs_image_bytes: int = 64 * GiB
+    floor_samples: int = 50
 
 
 QUICK = Config(
@@ -941,6 +946,54 @@ def measure_scale(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
     }
 
 
+# -- 6. the floor: what any CSI call and any store change costs here -----------------------
+
+
+def measure_floor(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
+    """What bounds a snapshot, restore or clone on this machine, measured in this run.
+
+    - ``csi_round_trip``: ``Probe`` (no work in the plugin) through the same client
+      and socket: the gRPC round trip every operation pays;
+    - ``durable_commit``: a one-key LMDB write transaction in a scratch environment on
+      the disk under test, with the store's sync settings (LMDB's commit flushes its
+      pages, then its meta page): the least a change that must survive a crash pays;
+    - ``flush_request``: ``control.request_flush`` of an idle staged volume (syncfs and
+      the daemon's answer with nothing to commit): what a snapshot or clone of a live
+      volume adds.
+    Their sum bounds how fast one operation can be, so how many times faster than a
+    baseline we can be: ``report`` shows it beside the ratios it caps.
+    """
+    n = cfg.floor_samples
+    probe = [timed(lambda: csi.client.call("Probe", {})) for _ in range(n)]
+    scratch = work / "floor-lmdb"
+    scratch.mkdir()
+    commits = []
+    # The store's own settings (blockstore/environment.py): sync and metasync on.
+    with lmdb.open(str(scratch), map_size=64 * MiB, subdir=True, readahead=False) as env:
+        for i in range(n):
+            t0 = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(b"key", i.to_bytes(8, "little"))
+            commits.append(time.perf_counter() - t0)
+    shutil.rmtree(scratch)
+    vid = csi.create("floor", 64 * MiB)
+    try:
+        csi.stage(vid)
+        staging = csi.staging_path(vid)
+        flushes = [timed(lambda: request_flush(staging)) for _ in range(n)]
+    finally:
+        with contextlib.suppress(Exception):
+            if vid in csi.staged:
+                csi.unstage(vid)
+        with contextlib.suppress(Exception):
+            csi.delete(vid)
+    parts = {"csi_round_trip": probe, "durable_commit": commits, "flush_request": flushes}
+    return {
+        **{k: {**summarize(v, 1e3, "ms"), "seconds": v} for k, v in parts.items()},
+        "loadavg_after": loadavg(),
+    }
+
+
 # -- 5. dedup and compression ----------------------------------------------------------------
 
 
@@ -1070,7 +1123,7 @@ def _remove_tree(path: Path, wait: float = 10.0) -> None:
         log.error("event=not_removed path=%s left=%s", path, sorted(os.listdir(path))[:10])
 
 
-SECTIONS = ("compare", "busy", "lineage", "scale", "space")
+SECTIONS = ("compare", "busy", "lineage", "scale", "space", "floor")
 
 
 def run(
@@ -1110,6 +1163,7 @@ def run(
                 "busy": lambda: measure_busy(csi, work, cfg),
                 "lineage": lambda: measure_lineage(csi, work, cfg),
                 "scale": lambda: measure_scale(csi, work, cfg),
+                "floor": lambda: measure_floor(csi, work, cfg),
             }
             # Space first: its store is fresh, so growth is not hidden by reused pages.
             for i, key in enumerate(k for k in plan if k in sections):

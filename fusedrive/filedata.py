@@ -554,8 +554,10 @@ class FileData:
 
     @property
     def flush_threshold(self) -> int:
-        """Buffered bytes past which the live layer should be flushed in the background."""
-        return self.dirty_limit // 2
+        """Buffered bytes past which the live layer should be flushed in the background:
+        three quarters of the bound (half made more, smaller commits: slower random
+        writes, filesystem.DEFAULT_DIRTY_LIMIT)."""
+        return self.dirty_limit * 3 // 4
 
     def prepare_ahead(self, ino: int, indexes: list[int]) -> None:
         """Start hashing and compressing chunks of the live layer in ``prepare_pool``.

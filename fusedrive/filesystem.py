@@ -50,12 +50,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = parameters.DEFAULT_CHUNK_SIZE
 # A snapshot of a busy volume first commits what is buffered, up to this bound. Measured
-# (CreateSnapshot every 0.25 s beside fio's sequential 1 MiB writes, one run, load 8-11 on
-# 2 cores): 32 MiB gave p99 542 ms; 16 MiB, with writes held back during the snapshot's
-# flush (``Flusher.flush_requested``), p99 93 ms, and fio alone wrote 117-194 MiB/s
-# against 56-164 MiB/s at 32 MiB (noise larger than any cost); 8 MiB was worse at both.
-# 64 MiB doubled RSS for no throughput.
-DEFAULT_DIRTY_LIMIT = 16 * 1024 * 1024
+# (CreateSnapshot every 0.25 s beside fio's sequential 1 MiB writes): 32 MiB gave p99
+# 542 ms and 16 MiB 93 ms (one run each at load 8-11 on 2 cores, where 8 MiB with a
+# background flush at half of it looked worse). On the quiet machine (2026-12-06, load
+# 1-2, `csi_bench` busy section, trees side by side): 16 MiB p99 61-103 ms over 5 runs,
+# 8 MiB 43-62 ms over 3 runs; 8 MiB with the background flush at 3/4 (6 MiB: fewer,
+# larger commits) p99 57 ms, and random 4 KiB writes 3,101-4,084 IOPS in 4 runs against
+# 2,575-3,462 at 16 MiB (6 runs) and 2,529-3,286 at 8 MiB with 1/2 (6 runs); sequential
+# 1 MiB writes within the noise (184-265 MiB/s for all three). 64 MiB doubled RSS for
+# no throughput.
+DEFAULT_DIRTY_LIMIT = 8 * 1024 * 1024
 DEFAULT_CACHE_LIMIT = 32 * 1024 * 1024
 MAX_FILE_SIZE = (1 << 63) - 1
 COPY_MAX = 64 * 1024 * 1024  # copy_range copies at most this much per call

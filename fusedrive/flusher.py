@@ -9,7 +9,7 @@ time (``Flusher.lock``) while handlers keep filling a fresh layer on the trio
 thread, and flushes called while one commits share the next commit (group commit,
 see ``Flusher``).
 
-Flushes happen on fsync and fsyncdir, when the dirty buffers pass half their bound
+Flushes happen on fsync and fsyncdir, when the dirty buffers pass 3/4 of their bound
 (in the background) or their bound (the writer waits), every ``FLUSH_INTERVAL``
 seconds or ``IDLE_FLUSH`` seconds after changes stop, on a request from
 ``control.request_flush`` (new writes wait while it runs, so a snapshot of a busy
@@ -285,7 +285,7 @@ class Flusher:
             await self.flush()
 
     def after_write(self) -> None:
-        """Start a background flush once the dirty buffers pass half their bound."""
+        """Start a background flush once the dirty buffers pass 3/4 of their bound."""
         data = self.fs.data
         if (
             self.nursery is not None

@@ -96,6 +96,10 @@ def test_busy_lineage_scale_and_space(bench: tuple[Any, ...]) -> None:
     # The second copy of the same data is deduplicated; text-like data compresses.
     assert steps["dedup-b"]["stored_growth_bytes"] < TINY.space_bytes // 10
     assert 0 < steps["text"]["stored_growth_bytes"] < TINY.space_bytes
+    floor = results["floor"]
+    for part in ("csi_round_trip", "durable_commit", "flush_request"):
+        assert floor[part]["samples"] == len(floor[part]["seconds"]) == TINY.floor_samples
+        assert all(_positive(s) for s in floor[part]["seconds"]), part
 
 
 def test_nothing_left_behind(bench: tuple[Any, ...]) -> None:
@@ -123,6 +127,10 @@ def test_report_headline_first_then_plots_then_method(bench: tuple[Any, ...]) ->
     assert targets and all(isinstance(t["pass"], bool) for t in targets)
     assert done["missed"] == [t["name"] for t in targets if not t["pass"]]
     assert any(t["name"] == "snapshot of a busy volume, p99" for t in targets)
+    # What bounds one operation is shown, and caps every hostpath ratio it can.
+    assert "## What bounds one operation" in text
+    hostpath = [t for t in targets if "vs hostpath" in t["name"]]
+    assert hostpath and all("no " in t["bound"] and " x" in t["bound"] for t in hostpath)
     for plot in done["plots"]:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot.name})" in text
