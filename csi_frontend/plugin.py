@@ -93,7 +93,7 @@ class Plugin:
         from fusedrive.control import request_flush
 
         try:
-            request_flush(Path(rec.staging_path))
+            request_flush(Path(rec.staging_path), rec.staging_dev)
         except OSError as exc:
             raise CsiError(
                 grpc.StatusCode.UNAVAILABLE,

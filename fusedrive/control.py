@@ -114,18 +114,37 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def request_flush(mountpoint: Path) -> None:
+def _is_device(path: Path, device: str) -> bool:
+    """Whether the file system at ``path`` is device ``major:minor`` (one stat(2)); False
+    if it cannot be told (a dead daemon: the checks after say what is wrong)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}" == device
+
+
+def request_flush(mountpoint: Path, device: str = "") -> None:
     """Make the fusedrive mount at ``mountpoint`` commit its buffered writes.
+
+    ``device``: the mount's ``major:minor`` as ``find_mount`` gave it when the caller
+    mounted it (the CSI plugin keeps it); if the path still is that device, one
+    stat(2) proves the mount is the caller's, instead of a read of the mount table
+    (0.3 ms here; a snapshot's whole flush request takes about 1 ms). Anonymous
+    device numbers are not reused while a mount holds one.
 
     Raises ``OSError``: ENOENT if ``mountpoint`` is not a fusedrive mount, ENOTCONN
     if its daemon is gone, or the error the flush itself failed with (e.g. ENOSPC,
     EIO). Returns at once for read-only mounts.
     """
     mp = Path(mountpoint)
-    entry = find_mount(os.path.realpath(mp))
-    fstype = entry.fstype if entry is not None else None
-    if fstype != FSTYPE:
-        raise OSError(errno.ENOENT, f"{mp} is not a fusedrive mount (found {fstype or 'no mount'})")
+    if not (device and _is_device(mp, device)):
+        entry = find_mount(os.path.realpath(mp))
+        fstype = entry.fstype if entry is not None else None
+        if fstype != FSTYPE:
+            raise OSError(
+                errno.ENOENT, f"{mp} is not a fusedrive mount (found {fstype or 'no mount'})"
+            )
     try:
         try:
             syncfs(mp)

@@ -444,6 +444,30 @@ def test_request_flush_makes_a_snapshot_hold_every_write(mounts: FuseMounts, mnt
     assert errno_of(lambda: request_flush(mounts.tmp)) == errno.ENOENT  # not a mount
 
 
+def test_request_flush_with_the_mount_device_flushes_and_never_trusts_another(
+    mounts: FuseMounts, mnt: Path
+) -> None:
+    """The CSI plugin passes the device it recorded at staging: the right one skips the
+    mount table; a wrong one (the mount is gone, or something else is there) is checked
+    the slow way and refused like any other path that is not a fusedrive mount."""
+    from fusedrive.control import find_mount
+
+    entry = find_mount(os.path.realpath(mnt))
+    assert entry is not None
+    data = os.urandom(100_000)
+    (mnt / "f").write_bytes(data)
+    request_flush(mnt, entry.device)
+    with Store(mounts.store) as s:
+        s.create_snapshot("v", "snap")
+        fs = Filesystem(s.snapshot("snap"))
+        attrs = fs.lookup(ROOT_INO, b"f")
+        assert fs.read(fs.open(attrs.ino, os.O_RDONLY), 0, attrs.size) == data
+    plain = mounts.tmp / "plain"
+    plain.mkdir()
+    assert errno_of(lambda: request_flush(plain, entry.device)) == errno.ENOENT
+    assert not os.listxattr(plain)  # nothing was set on the plain directory
+
+
 def test_read_only_and_snapshot_mounts(mounts: FuseMounts, mnt: Path) -> None:
     (mnt / "f").write_text("version 1")
     request_flush(mnt)
