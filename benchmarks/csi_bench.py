@@ -24,7 +24,9 @@ baseline runs in the same run, on the same disk, on the same data:
    Repetitions take turns (ours, then each baseline, per repetition) so a burst of
    load hits all of them; the slow baselines run fewer times (``slow_reps``). Every
    timed operation starts after an untimed ``sync``, so no system's time includes the
-   writeback of what another wrote just before.
+   writeback of what another wrote just before; at sizes where the slow baselines run
+   fewer times, they run after the others' repetitions (their aftermath slowed every
+   system's next operations for tens of seconds, see ``Compare.measure``).
 2. ``busy``: CreateSnapshot every ``busy_interval`` s while fio writes sequentially at
    full speed into the volume: every latency, and the bytes the volume's FUSE daemon
    wrote (``/proc/PID/io``) during each call, which bounds what the flush committed.
@@ -649,32 +651,49 @@ class Compare:
 
     def measure(self) -> dict[str, Any]:
         self.stage_seconds: dict[str, float] = {}
-        out: dict[str, Any] = {}
-        for mode in MODES:
-            systems = {
+        systems = {
+            mode: {
                 "fusedrive": self.ours(mode),
                 "hostpath": self.hostpath(mode),
                 "dd": self.dd(mode),
                 "btrfs": self.btrfs_ops(mode),
             }
-            samples: dict[str, dict[str, list[float]]] = {
-                s: {op: [] for op in ops} for s, ops in systems.items() if ops
-            }
-            for rep in range(self.cfg.reps):
-                for system, ops in systems.items():
-                    if rep >= reps_for(system, self.size, self.cfg):
-                        continue
-                    for op, fn in ops.items():
-                        # Untimed: the previous operation's dirty pages (a baseline's
-                        # gigabytes) reach the disk first, so their writeback does not
-                        # land in the next system's time (our commits and btrfs's wait
-                        # behind it: a restore does no work that grows with size, yet the
-                        # 16 GiB ones took 4x the 64 MiB ones' time, right after tar -x).
-                        os.sync()
-                        samples[system][op].append(fn(rep))
+            for mode in MODES
+        }
+        samples: dict[str, dict[str, dict[str, list[float]]]] = {
+            mode: {s: {op: [] for op in ops} for s, ops in by_system.items() if ops}
+            for mode, by_system in systems.items()
+        }
+
+        def every_rep(system: str) -> bool:
+            return reps_for(system, self.size, self.cfg) >= self.cfg.reps
+
+        # The systems that run every repetition take turns first, in both modes; those
+        # that run fewer at this size (hostpath and dd, copying gigabytes) after them:
+        # right after them every system's next operations were 3-10x slower for tens of
+        # seconds (2026-12-06, 1 GiB: our snapshot 15-45 ms and btrfs's 11-20 ms,
+        # against 4-5 ms for both otherwise; a sync and a 2 s pause did not help).
+        for fast in (True, False):
+            for mode in MODES:
+                for rep in range(self.cfg.reps):
+                    for system, ops in systems[mode].items():
+                        if every_rep(system) != fast or rep >= reps_for(
+                            system, self.size, self.cfg
+                        ):
+                            continue
+                        for op, fn in ops.items():
+                            # Untimed: the previous operation's dirty pages (a baseline's
+                            # gigabytes) reach the disk first, so their writeback does not
+                            # land in the next system's time (our commits and btrfs's wait
+                            # behind it: a restore does no work that grows with size, yet
+                            # the 16 GiB ones took 4x the 64 MiB ones' time after tar -x).
+                            os.sync()
+                            samples[mode][system][op].append(fn(rep))
+        out: dict[str, Any] = {}
+        for mode in MODES:
             out[mode] = {
                 system: {op: {**summarize(ts, 1e3, "ms"), "seconds": ts} for op, ts in ops.items()}
-                for system, ops in samples.items()
+                for system, ops in samples[mode].items()
             }
             out[mode]["fusedrive_stage_ms"] = self.stage_seconds.get(mode, 0.0) * 1e3
         return out
