@@ -53,7 +53,7 @@ DEFAULT_CHUNK_SIZE = parameters.DEFAULT_CHUNK_SIZE
 # (CreateSnapshot every 0.25 s beside fio's sequential 1 MiB writes): 32 MiB gave p99
 # 542 ms and 16 MiB 93 ms (one run each at load 8-11 on 2 cores, where 8 MiB with a
 # background flush at half of it looked worse). On the quiet machine (2026-12-06, load
-# 1-2, `csi_bench` busy section, trees side by side): 16 MiB p99 61-103 ms over 5 runs,
+# 1-2, `csi_bench` busy section, trees side by side): 16 MiB p99 61-103 ms over 7 runs,
 # 8 MiB 43-62 ms over 3 runs; 8 MiB with the background flush at 3/4 (6 MiB: fewer,
 # larger commits) p99 57 ms, and random 4 KiB writes 3,101-4,084 IOPS in 4 runs against
 # 2,575-3,462 at 16 MiB (6 runs) and 2,529-3,286 at 8 MiB with 1/2 (6 runs); sequential
