@@ -41,7 +41,8 @@ baseline runs in the same run, on the same disk, on the same data:
    a third: the store's physical growth (allocated bytes) against the logical bytes.
 6. ``floor``: what bounds one operation here: a CSI round trip (``Probe``), one
    durable LMDB commit on the disk under test, and a flush request to an idle staged
-   volume (``measure_floor``).
+   volume (``measure_floor``); and the same ``Probe`` from a C HTTP/2 client
+   (nghttp2's ``h2load``), to show how much of each time is our Python client.
 
 Invariants: every plugin process, FUSE mount, loop device, btrfs mount and the work
 directory are released even on failure (``contextlib.ExitStack``, the demo's
@@ -73,6 +74,7 @@ from rich.console import Console
 
 from csi_frontend.client import CsiClient, block_capability, mount_capability
 from csi_frontend.demo import force_cleanup, leftovers, running_plugin
+from csi_frontend.proto import csi_pb2
 from fusedrive.control import request_flush
 from fusedrive.filesystem import DEFAULT_DIRTY_LIMIT
 
@@ -968,7 +970,7 @@ def measure_scale(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
 # -- 6. the floor: what any CSI call and any store change costs here -----------------------
 
 
-def measure_floor(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
+def measure_floor(csi: Csi, work: Path, cfg: Config, have_h2load: bool) -> dict[str, Any]:
     """What bounds a snapshot, restore or clone on this machine, measured in this run.
 
     - ``csi_round_trip``: ``Probe`` (no work in the plugin) through the same client
@@ -1007,10 +1009,50 @@ def measure_floor(csi: Csi, work: Path, cfg: Config) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             csi.delete(vid)
     parts = {"csi_round_trip": probe, "durable_commit": commits, "flush_request": flushes}
-    return {
-        **{k: {**summarize(v, 1e3, "ms"), "seconds": v} for k, v in parts.items()},
-        "loadavg_after": loadavg(),
-    }
+    out: dict[str, Any] = {k: {**summarize(v, 1e3, "ms"), "seconds": v} for k, v in parts.items()}
+    if have_h2load:
+        c_client = c_client_round_trips(work, n)
+        out["csi_round_trip_c_client"] = {**summarize(c_client, 1e3, "ms"), "seconds": c_client}
+    else:
+        out["csi_round_trip_c_client"] = {"not_measured": "h2load (nghttp2-client) is missing"}
+    out["loadavg_after"] = loadavg()
+    return out
+
+
+def c_client_round_trips(work: Path, n: int) -> list[float]:
+    """``n`` ``Probe`` calls from nghttp2's ``h2load`` on one connection (seconds each).
+
+    The benchmark's client is Python (grpcio); the sidecars that call a driver in a
+    cluster are compiled Go. A C HTTP/2 client sending the same gRPC request shows how
+    much of ``csi_round_trip`` is our client's own cost. The plugin's log must show
+    ``n`` more successful ``Probe`` calls afterwards (h2load sees HTTP statuses only,
+    not gRPC's).
+    """
+    sock, log = work / "csi.sock", work / "plugin.log"
+    body = work / "probe-request.bin"
+    msg = csi_pb2.ProbeRequest().SerializeToString()
+    body.write_bytes(b"\0" + len(msg).to_bytes(4, "big") + msg)  # gRPC's message framing
+    per_request = work / "h2load.tsv"
+    ok_before = log.read_text().count("method=Probe code=OK")
+    sh(
+        "h2load",
+        f"--requests={n}",
+        "--clients=1",
+        "--max-concurrent-streams=1",
+        f"--data={body}",
+        "--header=content-type: application/grpc",
+        "--header=te: trailers",
+        f"--base-uri=unix:{sock}",
+        f"--log-file={per_request}",
+        "http://localhost/csi.v1.Identity/Probe",
+    )
+    rows = [line.split("\t") for line in per_request.read_text().splitlines() if line]
+    ok = log.read_text().count("method=Probe code=OK") - ok_before
+    if len(rows) != n or any(r[1] != "200" for r in rows) or ok != n:
+        raise RuntimeError(f"h2load: {len(rows)} answers of {n}, {ok} Probe OK in the log")
+    body.unlink()
+    per_request.unlink()
+    return [int(r[2]) / 1e6 for r in rows]
 
 
 # -- 5. dedup and compression ----------------------------------------------------------------
@@ -1086,6 +1128,7 @@ def versions() -> dict[str, str]:
         "fio": fio_version(),
         "btrfs-progs": tool_version("btrfs", "--version"),
         "lvm2": tool_version("lvm", "version"),
+        "h2load": tool_version("h2load", "--version"),
         "tar": tool_version("tar", "--version"),
         "coreutils": tool_version("cp", "--version"),
         "e2fsprogs": tool_version("mke2fs", "-V"),
@@ -1157,6 +1200,7 @@ def run(
     console = console or Console()
     check_machine()
     have_btrfs = ensure_tool("mkfs.btrfs", "btrfs-progs", console)
+    have_h2load = "floor" in sections and ensure_tool("h2load", "nghttp2-client", console)
     t_start = time.perf_counter()
     with work_directory(tmp_root) as work:
         results: dict[str, Any] = {
@@ -1182,7 +1226,7 @@ def run(
                 "busy": lambda: measure_busy(csi, work, cfg),
                 "lineage": lambda: measure_lineage(csi, work, cfg),
                 "scale": lambda: measure_scale(csi, work, cfg),
-                "floor": lambda: measure_floor(csi, work, cfg),
+                "floor": lambda: measure_floor(csi, work, cfg, have_h2load),
             }
             # Space first: its store is fresh, so growth is not hidden by reused pages.
             for i, key in enumerate(k for k in plan if k in sections):
