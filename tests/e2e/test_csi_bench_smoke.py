@@ -100,6 +100,10 @@ def test_busy_lineage_scale_and_space(bench: tuple[Any, ...]) -> None:
     for part in ("csi_round_trip", "durable_commit", "flush_request"):
         assert floor[part]["samples"] == len(floor[part]["seconds"]) == TINY.floor_samples
         assert all(_positive(s) for s in floor[part]["seconds"]), part
+        idle = floor["after_idle"][part]
+        assert idle["samples"] == len(idle["seconds"]) == TINY.floor_samples, part
+        assert all(_positive(s) for s in idle["seconds"]), part
+    assert floor["after_idle"]["idle_seconds"] == TINY.floor_idle_seconds > 0
     # The same Probe from a C client (h2load; scripts/install-system-deps installs it).
     c_client = floor["csi_round_trip_c_client"]
     assert c_client.get("samples") == len(c_client["seconds"]) == TINY.floor_samples, c_client
@@ -136,7 +140,9 @@ def test_report_headline_first_then_plots_then_method(bench: tuple[Any, ...]) ->
     assert "## What bounds one operation" in text
     hostpath = [t for t in targets if "vs hostpath" in t["name"]]
     assert hostpath and all("no " in t["bound"] and " x" in t["bound"] for t in hostpath)
-    assert "from a C HTTP/2 client" in text.split("## What bounds one operation", 1)[1]
+    bounds = text.split("## What bounds one operation", 1)[1].split("\n## ", 1)[0]
+    assert "from a C HTTP/2 client" in bounds
+    assert "after idle: median" in bounds and "ms of sleep" in bounds
     for plot in done["plots"]:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot.name})" in text
