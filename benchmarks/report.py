@@ -122,13 +122,10 @@ FLOOR_PARTS = {
 }
 
 
-def floor_ms(
-    csi: dict[str, Any], op: str, parts_from: dict[str, Any] | None = None
-) -> float | None:
-    """The least one ``op`` can take here, from the run's ``floor`` section: a CSI round
-    trip and a durable commit, plus the live volume's flush for a snapshot or clone.
-    ``parts_from``: another set of the parts' times (the floor's ``after_idle``)."""
-    floor = parts_from or csi.get("floor")
+def floor_ms(floor: dict[str, Any] | None, op: str) -> float | None:
+    """The least one ``op`` can take here, from a run's ``floor`` section (or its
+    ``after_idle`` part): a CSI round trip and a durable commit, plus the live
+    volume's flush for a snapshot or clone."""
     if not floor:
         return None
     parts = ["csi_round_trip", "durable_commit"]
@@ -178,7 +175,7 @@ def evaluate_targets(csi: dict[str, Any]) -> list[dict[str, Any]]:
                     ">=",
                     "x",
                 )
-                floor = floor_ms(csi, op)
+                floor = floor_ms(csi.get("floor"), op)
                 if floor:
                     t["bound"] = (
                         f"the baseline took {ms(hps['median_ms'])}; no {op} can take less "
@@ -449,7 +446,7 @@ def floor_lines(csi: dict[str, Any]) -> list[str]:
     for key, label in FLOOR_PARTS.items():
         row = f"| {label} | {span(floor[key])} |"
         lines.append(row + (f" {span(idle[key])} |" if idle else ""))
-    snap, restore = floor_ms(csi, "snapshot"), floor_ms(csi, "restore")
+    snap, restore = floor_ms(floor, "snapshot"), floor_ms(floor, "restore")
     lines += [
         "",
         f"A snapshot or clone of a live volume pays all three ({ms(snap or 0)}), a restore the "
@@ -457,7 +454,7 @@ def floor_lines(csi: dict[str, Any]) -> list[str]:
         "behind this gRPC server and this disk is more than B / that times faster; the "
         "misses above say where that caps a ratio below its target.",
         "",
-        *idle_lines(csi),
+        *idle_lines(idle),
         *c_client_lines(floor),
     ]
     return lines
@@ -467,12 +464,11 @@ def span(st: dict[str, Any]) -> str:
     return f"{ms(st['median_ms'])} | {ms(st['min_ms'])}-{ms(st['max_ms'])}"
 
 
-def idle_lines(csi: dict[str, Any]) -> list[str]:
+def idle_lines(idle: dict[str, Any] | None) -> list[str]:
     """The floor of a call that arrives after a quiet moment (``after_idle``)."""
-    idle = csi["floor"].get("after_idle")
     if not idle:
         return []
-    snap = floor_ms(csi, "snapshot", idle)
+    snap = floor_ms(idle, "snapshot")
     return [
         f"The second pair of columns: each sample taken after {idle['idle_seconds'] * 1000:.0f} "
         "ms of sleep (the samples take turns with the back-to-back ones). On a virtual "
